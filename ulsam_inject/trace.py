@@ -1,0 +1,361 @@
+"""torch.fx tracing with automatic leaf fallback, and shape propagation without real compute.
+
+``trace_model`` symbolically traces a model. When a submodule's code cannot be traced
+(data-dependent control flow, ``math`` on shapes, ...), the innermost module whose forward
+raised is made a leaf and tracing is retried, so that everything outside it can still be
+rewritten. Every node records the module paths that enclose it in ``node.meta["scope"]``.
+
+``propagate_shapes`` annotates every node with ``node.meta["value"]``: the node's output
+with each tensor replaced by a tensor on the ``meta`` device (shape and dtype, no data).
+It runs the graph on meta tensors (no arithmetic at all), falling back to fake tensors and
+then to a real forward pass for code that needs values.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_map
+
+from .block import ULSAM
+from .errors import InputSizeError, ShapeError, TraceError
+
+MAX_LEAF_RETRIES = 400
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced model: the graph module, the submodules made leaves, the input size used.
+
+    ``leaves`` maps the dotted path of each submodule that could not be traced to the
+    reason (the error its code raised under symbolic tracing).
+    """
+
+    graph_module: fx.GraphModule
+    input_size: tuple[int, int, int]
+    leaves: dict[str, str] = field(default_factory=dict)
+    shape_method: str = "meta"
+    root: nn.Module | None = field(default=None, repr=False, compare=False)
+    """The module that was traced: its submodules keep their classes (Sequential, ...)."""
+
+    def leaf_containing(self, path: str) -> str | None:
+        """The leaf that holds the module ``path`` (or is it), if any."""
+        for leaf in self.leaves:
+            if path == leaf or path.startswith(leaf + "."):
+                return leaf
+        return None
+
+
+class _ScopeTracer(fx.Tracer):
+    """A tracer that records enclosing module paths and which module's code failed."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__(autowrap_modules=(math,))
+        self.extra_leaves = leaves
+        self.path_stack: list[str] = []
+        self.failed_path: str | None = None
+        self.failure: str = ""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, ULSAM) or module_qualified_name in self.extra_leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        path = self.path_of_module(m)
+        self.path_stack.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            # The innermost non-leaf module sees the error first: that is the one to leaf.
+            if self.failed_path is None and not self.is_leaf_module(m, path):
+                self.failed_path = path
+                self.failure = _one_line(error)
+            raise
+        finally:
+            self.path_stack.pop()
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["scope"] = tuple(self.path_stack)
+        return node
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:300]
+
+
+def trace_model(
+    model: nn.Module,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    *,
+    propagate: bool = True,
+) -> Traced:
+    """Trace ``model`` with torch.fx, making untraceable submodules leaves, and propagate shapes.
+
+    Symbolic tracing bakes ``if self.training`` branches into the graph, so the model is
+    traced in train and in eval mode: submodules whose code differs between the two become
+    leaves (they then run their own code, reading their own flag), and ``training=``
+    arguments that differ become a read of the graph module's ``training`` flag. The one
+    graph is then right in both modes.
+
+    The model is not modified (train/eval flags are restored). The graph module shares
+    submodules with ``model``; deep-copy first to rewrite safely.
+
+    Example:
+        >>> import torchvision
+        >>> traced = trace_model(torchvision.models.mobilenet_v2())
+        >>> traced.leaves
+        {}
+    """
+    check_input_size(input_size)
+    leaves: dict[str, str] = {}
+    for _ in range(MAX_LEAF_RETRIES):
+        eval_graph, tracer = _trace_in_mode(model, leaves, training=False)
+        train_graph, _ = _trace_in_mode(model, leaves, training=True)
+        differing = _mode_dependent_module(train_graph, eval_graph)
+        if differing is not None:
+            leaves[differing] = "its code depends on self.training"
+            continue
+        _read_training_flag(train_graph, eval_graph)
+        graph_module = fx.GraphModule(tracer.root, eval_graph, type(model).__name__)
+        _copy_unreferenced_state(model, graph_module)
+        graph_module.train(model.training)
+        method = propagate_shapes(graph_module, input_size) if propagate else "none"
+        size = (input_size[0], input_size[1], input_size[2])
+        return Traced(graph_module, size, leaves, method, root=model)
+    raise TraceError(f"gave up tracing after making {MAX_LEAF_RETRIES} submodules leaves")
+
+
+def _trace_in_mode(
+    model: nn.Module, leaves: dict[str, str], *, training: bool
+) -> tuple[fx.Graph, _ScopeTracer]:
+    """Trace once in the given mode, adding untraceable submodules to ``leaves`` as needed."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        for _ in range(MAX_LEAF_RETRIES):
+            tracer = _ScopeTracer(set(leaves))
+            try:
+                return tracer.trace(model), tracer
+            except Exception as error:
+                if tracer.failed_path is None or tracer.failed_path in leaves:
+                    raise TraceError(
+                        f"cannot trace {type(model).__name__} with torch.fx: its own forward "
+                        f"failed ({_one_line(error)}); only submodules can be made leaves"
+                    ) from error
+                leaves[tracer.failed_path] = tracer.failure
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    raise TraceError(f"gave up tracing after making {MAX_LEAF_RETRIES} submodules leaves")
+
+
+def _signature(node: fx.Node) -> tuple[Any, ...]:
+    return (node.op, str(node.target), node.meta.get("scope", ()))
+
+
+def _mode_dependent_module(train: fx.Graph, eval_: fx.Graph) -> str | None:
+    """The innermost submodule whose traced code differs between train and eval mode."""
+    train_nodes, eval_nodes = list(train.nodes), list(eval_.nodes)
+    for a, b in zip(train_nodes, eval_nodes):
+        if _signature(a) != _signature(b):
+            return _deciding_module(a) or _deciding_module(b)
+    if len(train_nodes) != len(eval_nodes):
+        shorter, longer = sorted((train_nodes, eval_nodes), key=len)
+        return _deciding_module(longer[len(shorter) - 1])
+    return None
+
+
+def _deciding_module(node: fx.Node) -> str | None:
+    """The innermost traced (non-leaf) module around ``node``: the code that chose it."""
+    scope = list(node.meta.get("scope", ()))
+    if node.op == "call_module" and scope and scope[-1] == node.target:
+        scope.pop()
+    return scope[-1] if scope else None
+
+
+def _read_training_flag(train: fx.Graph, eval_: fx.Graph) -> None:
+    """Where the two traces differ only in a True/False argument, read ``self.training``."""
+    flag: fx.Node | None = None
+    for a, b in zip(train.nodes, eval_.nodes):
+        if a.op != "call_function":
+            continue
+        new_args = list(b.args)
+        new_kwargs = dict(b.kwargs)
+        changed = False
+        for i, (x, y) in enumerate(zip(a.args, b.args)):
+            if x is True and y is False:
+                new_args[i], changed = None, True
+        for key in b.kwargs:
+            if a.kwargs.get(key) is True and b.kwargs[key] is False:
+                new_kwargs[key], changed = None, True
+        if not changed:
+            continue
+        if flag is None:
+            first = next(n for n in eval_.nodes if n.op != "placeholder")
+            with eval_.inserting_before(first):
+                flag = eval_.get_attr("training")
+        b.args = tuple(flag if v is None and b.args[i] is False else v for i, v in enumerate(new_args))
+        b.kwargs = {k: flag if v is None and b.kwargs[k] is False else v for k, v in new_kwargs.items()}
+
+
+def _copy_unreferenced_state(model: nn.Module, graph_module: fx.GraphModule) -> None:
+    """Keep modules the forward never touches, so state-dict keys match the original's."""
+    present = set(graph_module.state_dict(keep_vars=True))
+    for path, module in model.named_modules():
+        keys = [f"{path}.{k}" for k in _own_state_names(module)]
+        if not path or not keys or all(k in present for k in keys):
+            continue
+        if not _has_attr_path(graph_module, path):
+            graph_module.add_submodule(path, module)
+            present.update(f"{path}.{k}" for k in module.state_dict(keep_vars=True))
+
+
+def _own_state_names(module: nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters(recurse=False)] + [
+        n for n, _ in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+    ]
+
+
+def _has_attr_path(root: nn.Module, path: str) -> bool:
+    obj: Any = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def check_input_size(input_size: tuple[int, ...]) -> None:
+    """Raise :class:`InputSizeError` unless ``input_size`` is (channels, height, width) > 0."""
+    if (
+        not isinstance(input_size, (tuple, list))
+        or len(input_size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+    ):
+        raise InputSizeError(
+            f"input size must be (channels, height, width) of positive integers, "
+            f"got {input_size!r}; e.g. (3, 224, 224)"
+        )
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, and restore each one's flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _to_meta(value: Any) -> Any:
+    def convert(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return torch.empty(v.shape, dtype=v.dtype, device="meta")
+        return v
+
+    return tree_map(convert, value)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and stores each node's output, as meta tensors, in ``node.meta``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["value"] = _to_meta(result)
+        return result
+
+
+def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> str:
+    """Annotate each node with ``meta["value"]``; returns the method that worked.
+
+    Methods, cheapest first: "meta" (parameters and input swapped for meta tensors: shapes
+    only, no arithmetic), "fake" (fake tensors), "real" (a real forward on a random input
+    in eval mode, no grad). Batch size 1.
+    """
+    errors = []
+    with eval_mode(graph_module), torch.no_grad():
+        for method in ("meta", "fake", "real"):
+            try:
+                _RUNNERS[method](graph_module, input_size)
+                return method
+            except Exception as error:
+                errors.append(f"{method}: {_one_line(error)}")
+    small = min(input_size[1:])
+    hint = f"; is {input_size[1]}x{input_size[2]} too small?" if small < 64 else ""
+    raise ShapeError(
+        f"could not run the traced model on a 1x{'x'.join(map(str, input_size))} input "
+        f"({errors[-1]}){hint}"
+    )
+
+
+def _example_input(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> torch.Tensor:
+    dtype = next((p.dtype for p in graph_module.parameters() if p.is_floating_point()), None)
+    return torch.randn(1, *input_size, dtype=dtype or torch.float32)
+
+
+def _run_meta(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> None:
+    state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in graph_module.state_dict(keep_vars=True).items()
+    }
+    state.update(
+        (name, torch.empty_like(t, device="meta"))
+        for name, t in graph_module.named_buffers()
+        if name not in state
+    )
+    example = _example_input(graph_module, input_size).to("meta")
+    with torch.nn.utils.stateless._reparametrize_module(graph_module, state):
+        _Recorder(graph_module).run(example)
+
+
+def _run_fake(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    example = mode.from_tensor(_example_input(graph_module, input_size))
+    with mode:
+        _Recorder(graph_module).run(example)
+
+
+def _run_real(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> None:
+    _Recorder(graph_module).run(_example_input(graph_module, input_size))
+
+
+_RUNNERS: dict[str, Callable[[fx.GraphModule, tuple[int, int, int]], None]] = {
+    "meta": _run_meta,
+    "fake": _run_fake,
+    "real": _run_real,
+}
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The output shape of ``node`` if it is a single tensor, else None."""
+    value = node.meta.get("value")
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return None
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy, so the rewritten model shares no tensors with the user's."""
+    return copy.deepcopy(model)
