@@ -1,7 +1,36 @@
-"""ulsam_inject: retrofit ULSAM attention into compact pretrained CNNs with torch.fx."""
+"""ulsam_inject: retrofit ULSAM attention into compact pretrained CNNs with torch.fx.
 
+Example:
+    >>> import torch, torchvision
+    >>> from ulsam_inject import inject
+    >>> result = inject(torchvision.models.mobilenet_v2().eval(), at="features.13")
+    >>> result.model(torch.randn(1, 3, 224, 224)).shape
+    torch.Size([1, 1000])
+"""
+
+from . import errors
 from .block import ULSAM
 from .errors import UlsamError, UlsamUsageError
+from .inject import Retrofit, inject
+from .plan import Placement, Plan, make_plan
+from .positions import resolve_positions
+from .stages import Stage, find_stages
+from .trace import Traced, trace_model
 
-__all__ = ["ULSAM", "UlsamError", "UlsamUsageError"]
+__all__ = [
+    "ULSAM",
+    "Placement",
+    "Plan",
+    "Retrofit",
+    "Stage",
+    "Traced",
+    "UlsamError",
+    "UlsamUsageError",
+    "errors",
+    "find_stages",
+    "inject",
+    "make_plan",
+    "resolve_positions",
+    "trace_model",
+]
 __version__ = "0.1.0"

@@ -56,9 +56,9 @@ class Traced:
 class _ScopeTracer(fx.Tracer):
     """A tracer that records enclosing module paths and which module's code failed."""
 
-    def __init__(self, leaves: set[str]) -> None:
+    def __init__(self, leaves: set[str] | None = None) -> None:
         super().__init__(autowrap_modules=(math,))
-        self.extra_leaves = leaves
+        self.extra_leaves = leaves or set()
         self.path_stack: list[str] = []
         self.failed_path: str | None = None
         self.failure: str = ""
@@ -90,7 +90,14 @@ class _ScopeTracer(fx.Tracer):
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
-        node.meta["scope"] = tuple(self.path_stack)
+        scope = list(self.path_stack)
+        if node.op == "call_module":
+            # A GraphModule calls its leaves directly: recover the enclosing paths from
+            # the target itself, so a flattened (e.g. retrofitted) model keeps its scopes.
+            parts = str(node.target).split(".")
+            prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+            scope = [p for p in scope if p not in prefixes] + prefixes
+        node.meta["scope"] = tuple(scope)
         return node
 
 

@@ -1,0 +1,118 @@
+"""The plan: which stages get a ULSAM, with which g, inserted after or replacing the stage."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from .block import divisors
+from .errors import GroupsError, PositionError, ReplaceError
+from .positions import PositionSpec, resolve_positions
+from .stages import Stage
+from .trace import Traced
+
+Mode = Literal["after", "replace"]
+MODES: tuple[Mode, ...] = ("after", "replace")
+DEFAULT_GROUPS = 4
+CONTAINER = "ulsam"
+"""Name of the submodule that holds the new blocks: state-dict keys ``ulsam.<stage>.*``."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One ULSAM: the stage it goes after (or replaces), its g, and its module name."""
+
+    stage: Stage
+    groups: int
+    mode: Mode
+    module_name: str
+
+    @property
+    def channels(self) -> int:
+        return self.stage.out_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.stage.name, "groups": self.groups, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved placements, in execution order."""
+
+    placements: tuple[Placement, ...]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """``[{"at": stage name, "groups": g, "mode": mode}, ...]``: the recipe's plan."""
+        return [p.to_dict() for p in self.placements]
+
+
+def module_name_for(stage_name: str) -> str:
+    """``features.13`` -> ``ulsam.features_13``: deterministic, readable, a valid identifier."""
+    return f"{CONTAINER}.{re.sub(r'[^0-9A-Za-z_]', '_', stage_name)}"
+
+
+def make_plan(
+    stages: Sequence[Stage],
+    at: PositionSpec,
+    groups: int | Mapping[Any, int] = DEFAULT_GROUPS,
+    mode: Mode | str | Mapping[Any, str] = "after",
+    traced: Traced | None = None,
+) -> Plan:
+    """Resolve positions, group counts and modes into a checked :class:`Plan`.
+
+    ``groups`` and ``mode`` are one value for every position, or a mapping from a position
+    spec to a value (positions not in the mapping get 4 and "after").
+
+    Example:
+        >>> import torchvision
+        >>> from ulsam_inject import find_stages
+        >>> stages = find_stages(torchvision.models.mobilenet_v2())
+        >>> make_plan(stages, "features.13", groups=8).to_list()
+        [{'at': 'features.13', 'groups': 8, 'mode': 'after'}]
+    """
+    chosen = resolve_positions(at, stages, traced)
+    group_of = _per_stage(groups, DEFAULT_GROUPS, stages, traced, "groups")
+    mode_of = _per_stage(mode, "after", stages, traced, "mode")
+    placements = []
+    for stage in chosen:
+        g = group_of.get(stage.index, group_of.get(-1, DEFAULT_GROUPS))
+        m = mode_of.get(stage.index, mode_of.get(-1, "after"))
+        placements.append(_placement(stage, cast(int, g), str(m)))
+    return Plan(tuple(placements))
+
+
+def _per_stage(
+    value: Any, default: Any, stages: Sequence[Stage], traced: Traced | None, what: str
+) -> dict[int, Any]:
+    """Map stage index -> value; key -1 holds the value for every stage not named."""
+    if not isinstance(value, Mapping):
+        return {-1: value}
+    result: dict[int, Any] = {-1: default}
+    for spec, item in value.items():
+        try:
+            targets = resolve_positions(spec, stages, traced)
+        except PositionError as error:
+            raise PositionError(f"in the {what} mapping: {error}") from None
+        for stage in targets:
+            result[stage.index] = item
+    return result
+
+
+def _placement(stage: Stage, groups: int, mode: str) -> Placement:
+    if mode not in MODES:
+        raise PositionError(f"mode {mode!r} for {stage.name} is not one of: after, replace")
+    if mode == "replace" and not stage.replaceable:
+        raise ReplaceError(
+            f"cannot replace {stage.name}: it maps {stage.in_channels} channels to "
+            f"{stage.out_channels} at stride {stage.stride}; only stages whose input and "
+            f"output shapes are identical can be replaced (use mode 'after')"
+        )
+    channels = stage.out_channels
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+        raise GroupsError(
+            f"groups={groups!r} does not divide the {channels} channels of {stage.name}; "
+            f"valid groups there: {', '.join(map(str, divisors(channels)))}"
+        )
+    return Placement(stage, groups, cast(Mode, mode), module_name_for(stage.name))
