@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 
+from .cost import count
 from .plan import DEFAULT_GROUPS, Mode, Plan, make_plan
 from .positions import PositionSpec
+from .report import Report, build_report
 from .rewrite import rewrite
 from .stages import Stage, find_stages
-from .trace import Traced, trace_model
+from .trace import trace_model
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,16 @@ class Retrofit:
     leaves: Mapping[str, str]
     source: str | None = None
     source_kwargs: Mapping[str, Any] | None = None
+    report: Report | None = None
+
+    def with_source(self, source: str | None, kwargs: Mapping[str, Any] | None = None) -> Retrofit:
+        """The same retrofit, recorded as made from the model spec ``source``."""
+        report = self.report
+        if report is not None:
+            report = dataclasses.replace(report, model=source)
+        return dataclasses.replace(
+            self, source=source, source_kwargs=dict(kwargs or {}), report=report
+        )
 
     def recipe(self) -> dict[str, Any]:
         """What rebuilds this model from its source: spec, kwargs, plan, input size."""
@@ -51,8 +64,12 @@ def inject(
     input_size: tuple[int, int, int] = (3, 224, 224),
     *,
     model_kwargs: Mapping[str, Any] | None = None,
+    report: bool = True,
 ) -> Retrofit:
     """Retrofit ULSAM into ``model`` at the positions ``at``; the model passed in is untouched.
+
+    With ``report=True`` (default) the result carries a :class:`~ulsam_inject.report.Report`
+    of parameter, MAC, other-op and memory-traffic deltas, counted on shapes alone.
 
     ``model`` is an ``nn.Module`` or a model spec (``"torchvision:mobilenet_v2"``,
     ``"timm:NAME"``, ``"package.module:factory"``). ``at`` takes stage indices (negative
@@ -82,7 +99,27 @@ def inject(
     traced = trace_model(working, input_size)
     stages = find_stages(traced)
     plan = make_plan(stages, at, groups, mode, traced)
+    before = count(traced) if report else None
+    removed = {
+        p.stage.name: _params_of(working, p.stage.modules)
+        for p in plan.placements
+        if p.mode == "replace"
+    }
     graph_module = rewrite(traced, plan)
+    costs = None
+    if before is not None:
+        block_params = {
+            p.module_name: _params_of(graph_module, (p.module_name,)) for p in plan.placements
+        }
+        costs = build_report(
+            plan.placements,
+            before,
+            count(graph_module, traced.input_size),
+            removed_params=removed,
+            block_params=block_params,
+            model=source,
+            input_size=traced.input_size,
+        )
     return Retrofit(
         model=graph_module,
         plan=plan,
@@ -91,5 +128,14 @@ def inject(
         leaves=dict(traced.leaves),
         source=source,
         source_kwargs=model_kwargs,
+        report=costs,
     )
 
+
+def _params_of(model: nn.Module, paths: tuple[str, ...]) -> int:
+    """Parameter elements held by the modules at ``paths`` (shared tensors once)."""
+    seen: dict[int, int] = {}
+    for path in paths:
+        for parameter in model.get_submodule(path).parameters():
+            seen[id(parameter)] = parameter.numel()
+    return sum(seen.values())

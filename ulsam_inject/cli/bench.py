@@ -1,0 +1,115 @@
+"""``ulsam-inject bench``: latency of the model before and after the retrofit, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..bench import LatencyReport, measure_latency
+from ..errors import UlsamUsageError
+from ..inject import inject as inject_model
+from .common import (
+    MODEL_HELP,
+    CheckpointOption,
+    InputSizeOption,
+    JsonOption,
+    KwargsOption,
+    PretrainedOption,
+    TrustOption,
+    console,
+    err_console,
+    load_model,
+    print_json,
+)
+from .options import per_position
+
+
+def bench(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    at: str = typer.Option(..., "--at", "-a", help="Positions, as for 'inject'."),
+    groups: list[str] | None = typer.Option(None, "--groups", "-g", help="g or POSITION=g."),
+    mode: list[str] | None = typer.Option(
+        None, "--mode", "-m", help="after/replace or POSITION=MODE."
+    ),
+    checkpoint: Path | None = CheckpointOption,
+    input_size: str | None = InputSizeOption,
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="Batch size."),
+    threads: int | None = typer.Option(
+        None, "--threads", "-t", min=1, help="CPU threads (default: torch's)."
+    ),
+    device: str = typer.Option("cpu", "--device", "-d", help="cpu, cuda or cuda:N."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs of each model first."),
+    repeats: int = typer.Option(30, "--repeats", "-r", min=1, help="Timed runs of each model."),
+    json_output: bool = JsonOption,
+    trust_checkpoint: bool = TrustOption,
+    pretrained: bool = PretrainedOption,
+    model_kwargs: str | None = KwargsOption,
+) -> None:
+    """Time the original and the retrofitted model, interleaved, after a warm-up."""
+    loaded = load_model(
+        model,
+        checkpoint=checkpoint,
+        trust=trust_checkpoint,
+        pretrained=pretrained,
+        kwargs_text=model_kwargs,
+        input_size=input_size,
+    )
+    original = loaded.module
+    if loaded.retrofit is not None:
+        raise UlsamUsageError(
+            f"{model} is already retrofitted; bench its source model ({loaded.source}) with --at"
+        )
+    result = inject_model(
+        original,
+        at=at,
+        groups=per_position(groups, 4, what="groups", as_int=True),
+        mode=per_position(mode, "after", what="mode", as_int=False),
+        input_size=loaded.input_size,
+    )
+    columns = (
+        TextColumn("timing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("timing", total=repeats)
+        report = measure_latency(
+            original,
+            result.model,
+            loaded.input_size,
+            batch=batch,
+            device=device,
+            threads=threads,
+            warmup=warmup,
+            repeats=repeats,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    if json_output:
+        print_json({"model": loaded.source, "plan": result.plan.to_list(), **report.to_dict()})
+        return
+    console.print(render_latency(report, loaded.source or model))
+
+
+def render_latency(report: LatencyReport, name: str) -> Table:
+    size = "x".join(map(str, report.input_size))
+    table = Table(
+        title=f"{name}: batch {report.batch} x {size}, {report.device}, {report.threads} threads",
+        title_justify="left",
+    )
+    for header in ("model", "median ms", "p10 ms", "p90 ms", "runs"):
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for label, timing in (("original", report.before), ("with ULSAM", report.after)):
+        table.add_row(
+            label,
+            f"{timing.median_ms:.3f}",
+            f"{timing.p10_ms:.3f}",
+            f"{timing.p90_ms:.3f}",
+            str(timing.samples),
+        )
+    change = (report.ratio - 1) * 100
+    table.caption = f"latency ratio (median after / before): {report.ratio:.3f}x ({change:+.1f}%)"
+    return table

@@ -1,0 +1,123 @@
+"""What the commands share: consoles, model loading, option parsing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from torch import nn
+
+from ..errors import ModelSpecError, UlsamUsageError
+
+# Piped output has no terminal width; rich would fold tables to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True)
+
+MODEL_HELP = (
+    "torchvision:NAME, timm:NAME, package.module:factory, or a file written by "
+    "'inject --out' (rebuilds the retrofitted model)."
+)
+CheckpointOption = typer.Option(
+    None, "--checkpoint", "-c", help="Weights to load: a state dict (.pt/.pth) or .safetensors."
+)
+TrustOption = typer.Option(
+    False, "--trust-checkpoint", help="Allow a checkpoint that holds pickled code (runs it!)."
+)
+PretrainedOption = typer.Option(
+    False, "--pretrained", help="Fetch the zoo's pretrained weights (needs the network)."
+)
+KwargsOption = typer.Option(
+    None,
+    "--model-kwargs",
+    help="Keyword arguments for the model factory, as JSON: '{\"num_classes\": 10}'",
+)
+InputSizeOption = typer.Option(
+    None, "--input-size", "-s", help="224 or HxW (e.g. 224x160); default: the model's own."
+)
+JsonOption = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for the commands, and where it came from."""
+
+    module: nn.Module
+    source: str | None
+    source_kwargs: dict[str, Any]
+    input_size: tuple[int, int, int]
+    retrofit: Any = None  # a Retrofit when MODEL was a file written by --out
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelSpecError(f"--model-kwargs is not valid JSON ({error.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ModelSpecError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def looks_like_file(model: str) -> bool:
+    """A MODEL argument that names a file rather than a spec."""
+    path = Path(model)
+    return path.suffix in (".safetensors", ".pt", ".pth") or path.exists() or "/" in model
+
+
+def load_model(
+    model: str,
+    *,
+    checkpoint: Path | None = None,
+    trust: bool = False,
+    pretrained: bool = False,
+    kwargs_text: str | None = None,
+    input_size: str | None = None,
+) -> LoadedModel:
+    """Resolve MODEL (spec or retrofitted file), load weights, settle the input size."""
+    from .. import sources
+    from ..checkpoints import load_state_dict_into, read_state_dict
+
+    size = sources.parse_input_size(input_size) if input_size else None
+    if looks_like_file(model):
+        if checkpoint is not None or pretrained or kwargs_text:
+            raise UlsamUsageError(
+                f"{model} is a retrofitted-model file: it carries its own weights and model "
+                f"arguments, so --checkpoint, --pretrained and --model-kwargs do not apply"
+            )
+        from ..artifact import load
+
+        progress(f"rebuilding {model}")
+        retrofit = load(model)
+        return LoadedModel(
+            retrofit.model,
+            retrofit.source,
+            dict(retrofit.source_kwargs or {}),
+            size or retrofit.input_size,
+            retrofit,
+        )
+    spec = sources.parse_model_spec(model, parse_kwargs(kwargs_text))
+    progress(f"building {spec.spec}")
+    module = sources.build_model(spec, pretrained=pretrained)
+    if checkpoint is not None:
+        progress(f"loading {checkpoint}")
+        load_state_dict_into(module, read_state_dict(checkpoint, trust=trust))
+    module.eval()
+    return LoadedModel(
+        module, spec.spec, dict(spec.kwargs), size or sources.default_input_size(spec)
+    )
+
+
+def progress(message: str) -> None:
+    err_console.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,97 @@
+"""``ulsam-inject count``: parameters, MACs, FLOPs, other ops and bytes of a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..cost import count as count_cost
+from ..report import human
+from ..stages import find_stages
+from ..trace import trace_model
+from .common import (
+    MODEL_HELP,
+    CheckpointOption,
+    InputSizeOption,
+    JsonOption,
+    KwargsOption,
+    PretrainedOption,
+    TrustOption,
+    console,
+    load_model,
+    print_json,
+    progress,
+)
+
+
+def count(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    checkpoint: Path | None = CheckpointOption,
+    input_size: str | None = InputSizeOption,
+    json_output: bool = JsonOption,
+    trust_checkpoint: bool = TrustOption,
+    pretrained: bool = PretrainedOption,
+    model_kwargs: str | None = KwargsOption,
+) -> None:
+    """Count parameters, MACs (multiply-adds), FLOPs (2 x MACs), other ops and bytes."""
+    loaded = load_model(
+        model,
+        checkpoint=checkpoint,
+        trust=trust_checkpoint,
+        pretrained=pretrained,
+        kwargs_text=model_kwargs,
+        input_size=input_size,
+    )
+    progress(f"counting at {'x'.join(map(str, loaded.input_size))}")
+    traced = trace_model(loaded.module, loaded.input_size)
+    cost = count_cost(traced)
+    per_stage = [(stage, cost.for_nodes(stage.nodes)) for stage in find_stages(traced)]
+    if json_output:
+        print_json(
+            {
+                "model": loaded.source,
+                "input_size": list(loaded.input_size),
+                "params": cost.params,
+                "trainable_params": cost.trainable_params,
+                "buffers": cost.buffers,
+                "macs": cost.macs,
+                "flops": cost.flops,
+                "other_ops": cost.other_ops,
+                "bytes_read": cost.bytes_read,
+                "bytes_written": cost.bytes_written,
+                "uncounted": list(cost.uncounted),
+                "stages": [
+                    {
+                        "index": stage.index,
+                        "name": stage.name,
+                        "macs": part.macs,
+                        "other_ops": part.other_ops,
+                        "bytes": part.bytes_read + part.bytes_written,
+                    }
+                    for stage, part in per_stage
+                ],
+            }
+        )
+        return
+    table = Table(
+        title=f"{loaded.source or model} at {'x'.join(map(str, loaded.input_size))}",
+        title_justify="left",
+    )
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_column("exact", justify="right")
+    for label, value, unit in (
+        ("params", cost.params, ""),
+        ("trainable params", cost.trainable_params, ""),
+        ("MACs (multiply-adds)", cost.macs, ""),
+        ("FLOPs (2 x MACs)", cost.flops, ""),
+        ("other ops", cost.other_ops, ""),
+        ("bytes read", cost.bytes_read, "B"),
+        ("bytes written", cost.bytes_written, "B"),
+    ):
+        table.add_row(label, human(value, unit), f"{value:,}")
+    console.print(table)
+    if cost.uncounted:
+        progress(f"ops with no cost rule (not counted): {', '.join(cost.uncounted)}")
