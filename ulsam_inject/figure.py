@@ -17,8 +17,9 @@ from .errors import MissingDependencyError, OutputError
 from .fileio import atomic_write
 from .inject import Retrofit
 from .profile import node_latency
+from .report import human
 from .stages import find_stages
-from .trace import trace_model
+from .trace import Traced, propagate_shapes, trace_model
 
 FORMATS = (".png", ".svg")
 
@@ -34,7 +35,9 @@ def stage_breakdown(
     """
     size = retrofit.input_size
     before = trace_model(original, size)
-    after = trace_model(retrofit.model, size)
+    # The rewritten graph keeps the original trace's node names: use it as it is.
+    after = Traced(retrofit.model, size, dict(retrofit.leaves), root=retrofit.model)
+    propagate_shapes(after.graph_module, size)
     stages = find_stages(before)
     cost_before, cost_after = count(before), count(after)
     placed = {p.stage.name: p for p in retrofit.plan.placements}
@@ -44,8 +47,8 @@ def stage_breakdown(
         for p in retrofit.plan.placements
         if n.op == "call_module" and n.target == p.module_name
     }
-    seconds_before = node_latency(before.graph_module, size) if latency else {}
-    seconds_after = node_latency(after.graph_module, size) if latency else {}
+    seconds_before = node_latency(before.graph_module, size, repeats=15) if latency else {}
+    seconds_after = node_latency(after.graph_module, size, repeats=15) if latency else {}
     total_before = sum(seconds_before.values()) or 1.0
     total_after = sum(seconds_after.values()) or 1.0
     data: dict[str, list[Any]] = {
@@ -120,22 +123,21 @@ def plot_retrofit(
         axis.bar(right, block, width=0.4, bottom=after, color="#d62728", label="retrofitted: ULSAM")
         axis.set_ylabel(label)
         top = max([b + a for a, b in zip(after, block)] + before + [1e-9])
-        for x, name in zip(positions, data["stages"]):
+        for x, name, extra in zip(positions, data["stages"], data[f"{key}_block"]):
             placement = placed.get(name)
-            if placement is not None:
-                text = f"g={placement.groups}" + (
-                    " (replaced)" if placement.mode == "replace" else ""
-                )
-                axis.annotate(
-                    "▼ " + text,
-                    (x, top * 1.02),
-                    ha="center",
-                    fontsize=7,
-                    color="#d62728",
-                    rotation=90,
-                    va="bottom",
-                )
-        axis.set_ylim(0, top * 1.35)
+            if placement is None:
+                continue
+            what = "replaced" if placement.mode == "replace" else "after"
+            amount = f"+{human(extra)}" if key == "macs" else f"{100 * extra:.1f}%"
+            axis.annotate(
+                f"▼ g={placement.groups}\n{what}\n{amount}",
+                (x, top * 1.02),
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                color="#d62728",
+            )
+        axis.set_ylim(0, top * 1.32)
         axis.set_xticks(positions)
         axis.set_xticklabels(data["stages"], rotation=60, ha="right", fontsize=7)
         axis.legend(fontsize=7, loc="upper left")

@@ -16,7 +16,7 @@ from .positions import PositionSpec
 from .report import Report, build_report
 from .rewrite import rewrite
 from .stages import Stage, find_stages
-from .trace import trace_model
+from .trace import Traced, trace_model
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def inject(
         costs = build_report(
             plan.placements,
             before,
-            count(graph_module, traced.input_size),
+            count(Traced(graph_module, traced.input_size, dict(traced.leaves), root=graph_module)),
             removed_params=removed,
             block_params=block_params,
             model=source,

@@ -49,6 +49,9 @@ def inject(
     export: Path | None = typer.Option(
         None, "--export", help="Also write a torch.export program (.pt2) for deployment."
     ),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write a figure (.png or .svg) of per-stage MACs and latency share."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report only; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     json_output: bool = JsonOption,
@@ -57,15 +60,19 @@ def inject(
     model_kwargs: str | None = KwargsOption,
 ) -> None:
     """Insert ULSAM after stages (or in place of identity-shaped ones) and report costs."""
-    outputs = [p for p in (out, export) if p is not None]
+    outputs = [p for p in (out, export, plot) if p is not None]
+    if dry_run and outputs:
+        raise UlsamUsageError(
+            "--dry-run writes nothing: drop --out, --export and --plot, or --dry-run"
+        )
+    if len({p.resolve() for p in outputs}) != len(outputs):
+        raise UlsamUsageError("--out, --export and --plot must name different files")
     if not dry_run:
         # Refuse bad outputs before any heavy work, and never write onto the input.
         for path in outputs:
             check_output_path(path, force=force)
             if checkpoint is not None and path.resolve() == checkpoint.resolve():
                 raise UlsamUsageError(f"output {path} is the input checkpoint; choose another path")
-        if out is not None and export is not None and out.resolve() == export.resolve():
-            raise UlsamUsageError("--out and --export name the same file")
     loaded = load_model(
         model,
         checkpoint=checkpoint,
@@ -95,6 +102,12 @@ def inject(
         document["written"] = []
     if not dry_run:
         written = _write(result, out, export, force=force, protect=checkpoint)
+        if plot is not None:
+            from ..figure import plot_retrofit
+
+            progress("profiling stages for the figure")
+            written.append(plot_retrofit(loaded.module, result, plot, force=force))
+            progress(f"wrote {plot}")
         if json_output:
             document["written"] = [str(p) for p in written]
     if json_output:
