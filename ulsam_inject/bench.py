@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import UlsamUsageError
+from .trace import check_input_size
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each timed pair; the CLI draws a bar with it."""
@@ -109,13 +110,24 @@ def measure_latency(
             f"batch, repeats and threads must be >= 1 and warmup >= 0; got batch={batch}, "
             f"repeats={repeats}, threads={threads}, warmup={warmup}"
         )
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    check_input_size(input_size)
+    input_size = (int(input_size[0]), int(input_size[1]), int(input_size[2]))
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UlsamUsageError(
+            f"device {device!r} is not one torch knows: cpu, cuda, cuda:N"
+        ) from None
+    if target.type == "cuda" and not torch.cuda.is_available():
         raise UlsamUsageError(f"device {device!r} asked for, but CUDA is not available here")
-    target = torch.device(device)
+    if target.type not in ("cpu", "cuda"):
+        raise UlsamUsageError(f"device {device!r}: only cpu and cuda are supported")
     models = [before, after]
     flags = [[(m, m.training) for m in model.modules()] for model in models]
     dtype = next((p.dtype for p in before.parameters() if p.is_floating_point()), torch.float32)
-    example = torch.randn(batch, *input_size, dtype=dtype, device=target)
+    # A seeded generator of our own: the same input every call, the caller's RNG untouched.
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(batch, *input_size, generator=generator, dtype=dtype).to(target)
     samples: list[list[float]] = [[], []]
     try:
         runnable = [_on_device(m, target).eval() for m in models]

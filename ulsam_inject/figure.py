@@ -14,10 +14,9 @@ from torch import nn
 
 from .cost import count
 from .errors import MissingDependencyError, OutputError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_output_path
 from .inject import Retrofit
-from .profile import node_latency
-from .report import human
+from .profile import node_latencies
 from .stages import find_stages
 from .trace import Traced, propagate_shapes, trace_model
 
@@ -25,13 +24,19 @@ FORMATS = (".png", ".svg")
 
 
 def stage_breakdown(
-    original: nn.Module, retrofit: Retrofit, *, latency: bool = True
+    original: nn.Module, retrofit: Retrofit, *, latency: bool = True, repeats: int = 15
 ) -> dict[str, Any]:
     """Per-stage MACs and latency shares before and after, and each block's share.
 
     Returns ``{"stages": [names], "macs_before", "macs_after", "macs_block",
-    "time_before", "time_after", "time_block"}`` (lists aligned with the stages; time
-    values are fractions of the whole model's time; empty when ``latency`` is False).
+    "time_before", "time_after", "time_block"}`` (lists aligned with the stages; a
+    replaced stage has 0 after, its ULSAM is in ``*_block``; time values are fractions of
+    the whole model's time, empty when ``latency`` is False) and the whole models' totals
+    ``"total_macs_before"``, ``"total_macs_after"``, ``"total_params_before"``,
+    ``"total_params_after"`` (the stem, head and anything else outside the stages
+    included). Latency is per node through ``torch.fx``'s interpreter, batch 1, the two
+    models interleaved, each node's fastest of ``repeats`` runs (steady on a busy machine,
+    where medians of single nodes are not).
     """
     size = retrofit.input_size
     before = trace_model(original, size)
@@ -47,11 +52,15 @@ def stage_breakdown(
         for p in retrofit.plan.placements
         if n.op == "call_module" and n.target == p.module_name
     }
-    seconds_before = node_latency(before.graph_module, size, repeats=15) if latency else {}
-    seconds_after = node_latency(after.graph_module, size, repeats=15) if latency else {}
+    seconds_before: dict[str, float] = {}
+    seconds_after: dict[str, float] = {}
+    if latency:
+        seconds_before, seconds_after = node_latencies(
+            [before.graph_module, after.graph_module], size, repeats=repeats, statistic="min"
+        )
     total_before = sum(seconds_before.values()) or 1.0
     total_after = sum(seconds_after.values()) or 1.0
-    data: dict[str, list[Any]] = {
+    data: dict[str, Any] = {
         key: []
         for key in (
             "stages",
@@ -79,7 +88,27 @@ def stage_breakdown(
                 sum(seconds_after.get(n, 0.0) for n in stage.nodes) / total_after if kept else 0.0
             )
             data["time_block"].append(seconds_after.get(block, 0.0) / total_after if block else 0.0)
+    data["total_macs_before"] = cost_before.macs
+    data["total_macs_after"] = cost_after.macs
+    data["total_params_before"] = cost_before.params
+    data["total_params_after"] = cost_after.params
     return data
+
+
+def _short(value: float) -> str:
+    """``37632 -> '37.6K'``, ``-22654464 -> '-22.7M'``: three significant digits."""
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value >= factor * 0.9995:
+            scaled = value / factor
+            digits = 0 if scaled >= 99.95 else 1 if scaled >= 9.995 else 2
+            return f"{sign}{scaled:.{digits}f}{prefix}"
+    return f"{sign}{value:.0f}"
+
+
+def _percent_change(old: float, new: float) -> str:
+    return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
 
 
 def plot_retrofit(
@@ -89,69 +118,102 @@ def plot_retrofit(
     *,
     latency: bool = True,
     force: bool = False,
+    repeats: int = 15,
 ) -> Path:
-    """Write the figure to ``path`` (.png or .svg), atomically; returns the path."""
+    """Write the figure to ``path`` (.png or .svg), atomically; returns the path.
+
+    One panel of MACs per stage (and, with ``latency``, one of each stage's share of the
+    model's latency), original and retrofitted side by side, each ULSAM stacked on the
+    stage it follows or replaces; placed stages are shaded and labelled with g, the mode
+    and the block's own MAC delta (for a replaced stage: ULSAM's MACs minus the stage's,
+    as in the report). An existing file is replaced only with ``force``.
+    """
     target = Path(path)
     if target.suffix.lower() not in FORMATS:
         raise OutputError(f"figure {target} must end in .png or .svg, got {target.suffix!r}")
+    check_output_path(target, force=force)  # before minutes of profiling
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The object-oriented API: no pyplot, so the caller's backend and figures are untouched.
+        from matplotlib.figure import Figure
     except ImportError:
         raise MissingDependencyError(
             "figures need matplotlib: pip install 'ulsam-inject[plot]'"
         ) from None
-    data = stage_breakdown(original, retrofit, latency=latency)
+    data = stage_breakdown(original, retrofit, latency=latency, repeats=repeats)
+    names = data["stages"]
     rows = 2 if latency else 1
-    width = max(8.0, 0.45 * len(data["stages"]) + 2)
-    figure, axes = plt.subplots(rows, 1, figsize=(width, 3.6 * rows), squeeze=False)
-    positions = list(range(len(data["stages"])))
+    width = max(9.0, 0.62 * len(names) + 2.5)
+    figure = Figure(figsize=(width, 3.9 * rows + 0.5))
+    axes = figure.subplots(rows, 1, squeeze=False)
+    positions = list(range(len(names)))
     left = [x - 0.2 for x in positions]
     right = [x + 0.2 for x in positions]
     panels = [("macs", 1e6, "MACs (millions)")]
     if latency:
-        panels.append(("time", 0.01, "share of latency (%)"))
+        panels.append(("time", 0.01, "share of the model's latency (%)"))
     placed = {p.stage.name: p for p in retrofit.plan.placements}
+    red, blue, grey = "#d62728", "#1f77b4", "#9e9e9e"
     for axis, (key, scale, label) in zip(axes[:, 0], panels):
         before = [v / scale for v in data[f"{key}_before"]]
         after = [v / scale for v in data[f"{key}_after"]]
         block = [v / scale for v in data[f"{key}_block"]]
-        axis.bar(left, before, width=0.4, color="#9e9e9e", label="original")
-        axis.bar(right, after, width=0.4, color="#1f77b4", label="retrofitted: stage")
-        axis.bar(right, block, width=0.4, bottom=after, color="#d62728", label="retrofitted: ULSAM")
+        axis.bar(left, before, width=0.4, color=grey, label="original")
+        axis.bar(right, after, width=0.4, color=blue, label="retrofitted: stage")
+        axis.bar(right, block, width=0.4, bottom=after, color=red, label="retrofitted: ULSAM")
         axis.set_ylabel(label)
-        top = max([b + a for a, b in zip(after, block)] + before + [1e-9])
-        for x, name, extra in zip(positions, data["stages"], data[f"{key}_block"]):
+        heights = [max(b, a + k) for b, a, k in zip(before, after, block)]
+        top = max([*heights, 1e-9])
+        for x, name in enumerate(names):
             placement = placed.get(name)
             if placement is None:
                 continue
-            what = "replaced" if placement.mode == "replace" else "after"
-            amount = f"+{human(extra)}" if key == "macs" else f"{100 * extra:.1f}%"
+            axis.axvspan(x - 0.5, x + 0.5, color=red, alpha=0.07, linewidth=0)
+            replaced = placement.mode == "replace"
+            own = data[f"{key}_block"][x]
+            if key == "macs":
+                delta = own - data["macs_before"][x] if replaced else own
+                amount = ("net " if replaced else "") + ("+" if delta > 0 else "") + _short(delta)
+            else:
+                amount = f"{100 * own:.1f}%"
             axis.annotate(
-                f"▼ g={placement.groups}\n{what}\n{amount}",
-                (x, top * 1.02),
+                f"ULSAM g={placement.groups}\n{'replaces' if replaced else 'after'}\n{amount}\n▼",
+                (x, heights[x] + 0.01 * top),
                 ha="center",
                 va="bottom",
-                fontsize=6.5,
-                color="#d62728",
+                fontsize=7,
+                color=red,
+                linespacing=1.1,
             )
-        axis.set_ylim(0, top * 1.32)
+        axis.set_ylim(0, top * 1.45)
+        axis.set_xlim(-0.6, len(names) - 0.4)
         axis.set_xticks(positions)
-        axis.set_xticklabels(data["stages"], rotation=60, ha="right", fontsize=7)
-        axis.legend(fontsize=7, loc="upper left")
+        axis.set_xticklabels(names, rotation=60, ha="right", fontsize=7.5)
+        for tick, name in zip(axis.get_xticklabels(), names):
+            if name in placed:
+                tick.set_color(red)
+                tick.set_fontweight("bold")
+        axis.legend(fontsize=7.5, loc="upper left", ncol=3, frameon=False)
         axis.grid(axis="y", alpha=0.3)
     size = "x".join(map(str, retrofit.input_size))
+    macs_old, macs_new = data["total_macs_before"], data["total_macs_after"]
+    params_old, params_new = data["total_params_before"], data["total_params_after"]
     axes[0, 0].set_title(
-        f"{retrofit.source or type(original).__name__} at {size}: per-stage cost before and after"
+        f"{retrofit.source or type(original).__name__} at {size}: per-stage cost before and "
+        f"after ULSAM\nwhole model: MACs {_short(macs_old)} → {_short(macs_new)} "
+        f"({_percent_change(macs_old, macs_new)}), params {_short(params_old)} → "
+        f"{_short(params_new)} ({_percent_change(params_old, params_new)}); "
+        f"stem and head not drawn",
+        fontsize=10,
     )
+    if latency:
+        axes[-1, 0].set_title(
+            f"share of latency per stage: each node's fastest of {repeats} runs through the "
+            f"fx interpreter, batch 1, models interleaved; shares of the whole model",
+            fontsize=8,
+        )
     figure.tight_layout()
 
     def write(tmp: Path) -> None:
         figure.savefig(tmp, format=target.suffix.lower().lstrip("."), dpi=130)
 
-    try:
-        return atomic_write(target, write, force=force)
-    finally:
-        plt.close(figure)
+    return atomic_write(target, write, force=force)
