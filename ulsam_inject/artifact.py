@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -107,6 +108,7 @@ def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     from .checkpoints import read_state_dict
 
     target = Path(path)
+    _check_file(target)
     text = _safetensors_recipe(target)
     if text is None:
         text, state = _torch_recipe(target)
@@ -143,17 +145,40 @@ def load(path: str | Path) -> Retrofit:
 
     recipe, state = read_recipe(path)
     plan = recipe["plan"]
+    channels, height, width = (int(v) for v in recipe["input_size"])
     retrofit = inject(
         recipe["model"],
         at=[item["at"] for item in plan],
         groups={item["at"]: item["groups"] for item in plan},
         mode={item["at"]: item["mode"] for item in plan},
-        input_size=tuple(recipe["input_size"]),  # type: ignore[arg-type]
+        input_size=(channels, height, width),
         model_kwargs=recipe.get("model_kwargs") or {},
     )
-    load_state_dict_into(retrofit.model, state)
+    try:
+        load_state_dict_into(retrofit.model, state)
+    except CheckpointError as error:
+        raise ArtifactError(
+            f"{path}: its weights do not fit the model its recipe rebuilds ({error}); was it "
+            f"written by another version of ulsam-inject or of the model's code?"
+        ) from None
     retrofit.model.eval()
     return retrofit
+
+
+def _check_file(path: Path) -> None:
+    """Missing, folder, empty: told plainly before any format is guessed."""
+    if not path.exists():
+        raise ArtifactError(f"retrofitted-model file {path} does not exist")
+    if path.is_dir():
+        raise ArtifactError(
+            f"{path} is a directory, expected a file written by 'ulsam-inject inject --out'"
+        )
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ArtifactError(f"cannot read {path}: {error.strerror}") from None
+    if size == 0:
+        raise ArtifactError(f"retrofitted-model file {path} is empty (0 bytes)")
 
 
 def _safetensors_recipe(path: Path) -> str | None:
@@ -186,10 +211,14 @@ def _safetensors_recipe(path: Path) -> str | None:
 
 def _torch_recipe(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # A file object: torch.load would take a path ending in .safetensors for one.
+        with warnings.catch_warnings(), path.open("rb") as handle:
+            warnings.simplefilter("ignore")
+            payload = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ArtifactError(
-            f"{path} is not a retrofitted-model file ({type(error).__name__})"
+            f"{path} is not a retrofitted-model file: it is truncated, corrupt or another "
+            f"format ({type(error).__name__})"
         ) from None
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         raise ArtifactError(
@@ -210,6 +239,8 @@ def _check_recipe(recipe: Any, path: Path) -> None:
         and isinstance(recipe.get("model"), str)
         and isinstance(recipe.get("plan"), list)
         and isinstance(recipe.get("input_size"), list)
+        and len(recipe["input_size"]) == 3
+        and all(isinstance(v, int) and v > 0 for v in recipe["input_size"])
         and all(
             isinstance(item, dict) and {"at", "groups", "mode"} <= set(item)
             for item in recipe["plan"]
@@ -233,20 +264,47 @@ def export_program(
     Load it with ``torch.export.load(path).module()``; it needs neither this library nor
     the model's source code.
     """
+    return write_program(capture_program(retrofit), path, force=force, protect=protect)
+
+
+def capture_program(retrofit: Retrofit) -> torch.export.ExportedProgram:
+    """Capture the retrofitted model (eval mode, batch 1) with ``torch.export``; writes nothing.
+
+    The model's train/eval flags are restored afterwards.
+    """
     model = retrofit.model
     flags = [(m, m.training) for m in model.modules()]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     example = torch.randn(1, *retrofit.input_size, dtype=dtype)
     try:
         model.eval()
-        program = torch.export.export(model, (example,))
+        return torch.export.export(model, (example,))
     except Exception as error:
-        raise ArtifactError(f"torch.export could not capture the model: {error}") from error
+        raise ArtifactError(
+            f"torch.export could not capture the model: {type(error).__name__}: "
+            f"{_first_line(error)}"
+        ) from error
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def write_program(
+    program: torch.export.ExportedProgram,
+    path: str | Path,
+    *,
+    force: bool = False,
+    protect: str | Path | None = None,
+) -> Path:
+    """Write a captured program to ``path`` atomically (see :func:`export_program`)."""
 
     def write(tmp: Path) -> None:
         torch.export.save(program, tmp)
 
     return atomic_write(Path(path), write, force=force, protect=protect)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,15 +1,19 @@
 """The typer app and the entry point that turns library errors into exit codes.
 
 Exit codes: 0 success; 2 usage and input errors (bad spec, file, position, g, size, an
-existing output); 1 other failures. Expected failures print one line on stderr and no
-traceback unless ``--debug`` is given.
+existing output, a malformed command line); 1 other failures. Expected failures print one
+line on stderr and no traceback unless ``--debug`` is given (which prints the traceback
+first and keeps the exit code).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
+import traceback
+from typing import Any, NoReturn
 
-import click
 import typer
 
 from ..errors import UlsamError
@@ -36,38 +40,80 @@ def _root(
     """Options for every command come before the command name (e.g. --debug)."""
 
 
+def _click_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(ClickException classes, Abort classes) of click and of typer's vendored copy.
+
+    typer >= 0.20 vendors click as ``typer._click`` and raises its own classes; older
+    versions raise click's. Both are caught, whichever is installed.
+    """
+    errors: list[type[BaseException]] = []
+    aborts: list[type[BaseException]] = [typer.Abort]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attribute, found in (("ClickException", errors), ("Abort", aborts)):
+            cls = getattr(module, attribute, None)
+            if isinstance(cls, type) and cls not in found:
+                found.append(cls)
+    return tuple(errors), tuple(aborts)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """Print ``message`` as one line on stderr and exit with ``code``."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _usage_message(error: Any) -> str:
+    """A click usage error in one line, with where to find help."""
+    text = error.format_message()
+    ctx = getattr(error, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "ulsam-inject"
+    return f"error: {text} (see '{command} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit with 0, 1 (failure) or 2 (usage or input error)."""
     args = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line, not only before the command.
     debug = "--debug" in args
     args = [arg for arg in args if arg != "--debug"]
+    click_errors, aborts = _click_exceptions()
     try:
         code = app(args=args, prog_name="ulsam-inject", standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(1)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
     except UlsamError as error:
         if debug:
-            raise
-        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
+            traceback.print_exc()
+        _fail(f"error: {error}", error.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        # stdout was closed early (e.g. piped into `head`): stop quietly, and keep Python
+        # from failing again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
     except Exception as error:
+        if isinstance(error, aborts):
+            _fail("aborted", 1)
+        if isinstance(error, click_errors):
+            exit_code = int(getattr(error, "exit_code", 2))
+            if type(error).__name__ == "NoArgsIsHelpError":
+                error.show()  # type: ignore[attr-defined]  # the help text, as asked
+                sys.exit(exit_code)
+            if debug:
+                traceback.print_exc()
+            if hasattr(error, "ctx"):  # a UsageError: bad command line
+                _fail(_usage_message(error), exit_code)
+            _fail(f"error: {error.format_message()}", exit_code)  # type: ignore[attr-defined]
         if debug:
-            raise
+            traceback.print_exc()
         message = str(error).strip().splitlines()
         first = message[0] if message else ""
-        err_console.print(
-            f"error: unexpected {type(error).__name__}: {first} (run with --debug for details)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+        _fail(
+            f"error: unexpected {type(error).__name__}: {first} (run with --debug for details)", 1
         )
-        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

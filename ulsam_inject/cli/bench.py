@@ -49,6 +49,9 @@ def bench(
     model_kwargs: str | None = KwargsOption,
 ) -> None:
     """Time the original and the retrofitted model, interleaved, after a warm-up."""
+    # Malformed options fail before the model is built.
+    groups_value = per_position(groups, 4, what="groups", as_int=True)
+    mode_value = per_position(mode, "after", what="mode", as_int=False)
     loaded = load_model(
         model,
         checkpoint=checkpoint,
@@ -65,8 +68,8 @@ def bench(
     result = inject_model(
         original,
         at=at,
-        groups=per_position(groups, 4, what="groups", as_int=True),
-        mode=per_position(mode, "after", what="mode", as_int=False),
+        groups=groups_value,
+        mode=mode_value,
         input_size=loaded.input_size,
     )
     columns = (
@@ -75,7 +78,9 @@ def bench(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(
+        *columns, console=err_console, transient=True, disable=not err_console.is_terminal
+    ) as bar:
         task = bar.add_task("timing", total=repeats)
         report = measure_latency(
             original,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -103,8 +105,18 @@ def load_model(
             retrofit,
         )
     spec = sources.parse_model_spec(model, parse_kwargs(kwargs_text))
-    progress(f"building {spec.spec}")
-    module = sources.build_model(spec, pretrained=pretrained)
+    progress(f"building {spec.spec}" + (" (fetching its pretrained weights)" if pretrained else ""))
+    if pretrained:
+        # torch.hub writes "Downloading: URL to FILE" on stdout, even with progress=False,
+        # where it would break --json: what the fetch prints goes to stderr once it has
+        # succeeded, and a failed fetch is told in one line.
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            module = sources.build_model(spec, pretrained=True)
+        if captured.getvalue():
+            sys.stderr.write(captured.getvalue())
+    else:
+        module = sources.build_model(spec)
     if checkpoint is not None:
         progress(f"loading {checkpoint}")
         load_state_dict_into(module, read_state_dict(checkpoint, trust=trust))
@@ -115,7 +127,18 @@ def load_model(
 
 
 def progress(message: str) -> None:
-    err_console.print(f"[dim]{message}[/dim]", highlight=False)
+    """A transient progress line on stderr, shown only when stderr is a terminal.
+
+    As git does: piped or logged runs keep stderr for what matters (notes and the one line
+    of an error).
+    """
+    if err_console.is_terminal:
+        err_console.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def note(message: str) -> None:
+    """A status line on stderr that is always shown (what was written, what was skipped)."""
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_json(document: Any) -> None:

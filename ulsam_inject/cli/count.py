@@ -21,6 +21,7 @@ from .common import (
     TrustOption,
     console,
     load_model,
+    note,
     print_json,
     progress,
 )
@@ -94,4 +95,4 @@ def count(
         table.add_row(label, human(value, unit), f"{value:,}")
     console.print(table)
     if cost.uncounted:
-        progress(f"ops with no cost rule (not counted): {', '.join(cost.uncounted)}")
+        note(f"ops with no cost rule (not counted): {', '.join(cost.uncounted)}")

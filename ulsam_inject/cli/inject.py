@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
+from torch import nn
 
 from ..errors import UlsamUsageError
 from ..fileio import check_output_path
@@ -21,6 +23,7 @@ from .common import (
     TrustOption,
     console,
     load_model,
+    note,
     print_json,
     progress,
 )
@@ -67,12 +70,15 @@ def inject(
         )
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise UlsamUsageError("--out, --export and --plot must name different files")
-    if not dry_run:
-        # Refuse bad outputs before any heavy work, and never write onto the input.
-        for path in outputs:
-            check_output_path(path, force=force)
-            if checkpoint is not None and path.resolve() == checkpoint.resolve():
-                raise UlsamUsageError(f"output {path} is the input checkpoint; choose another path")
+    # Malformed options and outputs that cannot be written fail before any heavy work.
+    groups_value = per_position(groups, 4, what="groups", as_int=True)
+    mode_value = per_position(mode, "after", what="mode", as_int=False)
+    if plot is not None:
+        _check_plot(plot)
+    for path in outputs:
+        if checkpoint is not None and path.resolve() == checkpoint.resolve():
+            raise UlsamUsageError(f"output {path} is the input checkpoint; choose another path")
+        check_output_path(path, force=force, protect=checkpoint)
     loaded = load_model(
         model,
         checkpoint=checkpoint,
@@ -90,44 +96,84 @@ def inject(
     result = inject_model(
         loaded.module,
         at=at,
-        groups=per_position(groups, 4, what="groups", as_int=True),
-        mode=per_position(mode, "after", what="mode", as_int=False),
+        groups=groups_value,
+        mode=mode_value,
         input_size=loaded.input_size,
     )
     result = result.with_source(loaded.source, loaded.source_kwargs)
     report = result.report
-    if json_output:
-        document = report.to_dict() if report is not None else {}
-        document["dry_run"] = dry_run
-        document["written"] = []
+    document = report.to_dict() if report is not None else {}
+    document["dry_run"] = dry_run
+    document["written"] = []
     if not dry_run:
-        written = _write(result, out, export, force=force, protect=checkpoint)
-        if plot is not None:
-            from ..figure import plot_retrofit
-
-            progress("profiling stages for the figure")
-            written.append(plot_retrofit(loaded.module, result, plot, force=force))
-            progress(f"wrote {plot}")
-        if json_output:
-            document["written"] = [str(p) for p in written]
+        written = _write(loaded.module, result, out, export, plot, force=force, protect=checkpoint)
+        document["written"] = [str(p) for p in written]
     if json_output:
         print_json(document)
     elif report is not None:
         console.print(render_report(report, dry_run=dry_run))
     if dry_run:
-        progress("dry run: nothing written")
+        note("dry run: nothing written")
+
+
+def _check_plot(plot: Path) -> None:
+    """The figure's format and matplotlib, checked before anything is computed or written."""
+    import importlib.util
+
+    from ..errors import MissingDependencyError, OutputError
+    from ..figure import FORMATS
+
+    if plot.suffix.lower() not in FORMATS:
+        raise OutputError(
+            f"--plot {plot}: a figure is {' or '.join(FORMATS)}, got {plot.suffix or 'no suffix'!r}"
+        )
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependencyError("--plot needs matplotlib: pip install 'ulsam-inject[plot]'")
 
 
 def _write(
-    result: Retrofit, out: Path | None, export: Path | None, *, force: bool, protect: Path | None
+    original: nn.Module,
+    result: Retrofit,
+    out: Path | None,
+    export: Path | None,
+    plot: Path | None,
+    *,
+    force: bool,
+    protect: Path | None,
 ) -> list[Path]:
-    from ..artifact import export_program, save
+    """Write the outputs asked for; on a failure remove the ones this run created.
 
-    written = []
-    if out is not None:
-        written.append(save(result, out, force=force, protect=protect))
-        progress(f"wrote {out}")
-    if export is not None:
-        written.append(export_program(result, export, force=force, protect=protect))
-        progress(f"wrote {export}")
+    The export program is captured first, since capturing is what fails most often.
+    """
+    from ..artifact import capture_program, save, write_program
+
+    written: list[Path] = []
+    created: list[Path] = []
+
+    def record(path: Path, existed: bool) -> None:
+        written.append(path)
+        if not existed:
+            created.append(path)
+
+    try:
+        program = capture_program(result) if export is not None else None
+        if out is not None:
+            existed = out.exists()
+            record(save(result, out, force=force, protect=protect), existed)
+        if export is not None and program is not None:
+            existed = export.exists()
+            record(write_program(program, export, force=force, protect=protect), existed)
+        if plot is not None:
+            from ..figure import plot_retrofit
+
+            progress("profiling stages for the figure")
+            existed = plot.exists()
+            record(plot_retrofit(original, result, plot, force=force), existed)
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+    for path in written:
+        note(f"wrote {path}")
     return written

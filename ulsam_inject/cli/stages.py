@@ -19,6 +19,7 @@ from .common import (
     TrustOption,
     console,
     load_model,
+    note,
     print_json,
     progress,
 )
@@ -72,4 +73,4 @@ def stages(
         )
     console.print(table)
     for leaf, reason in traced.leaves.items():
-        progress(f"untraceable, kept whole: {leaf} ({reason})")
+        note(f"untraceable, kept whole: {leaf} ({reason})")
