@@ -1,4 +1,16 @@
-"""The ULSAM block, vectorized over all subspaces, and conversion from the reference layout."""
+"""The ULSAM block, vectorized over all subspaces, and conversion from the reference layout.
+
+One module, three ways to run the same computation (all tested against the per-subspace
+reference in :mod:`ulsam_inject.reference`):
+
+- **eager, no gradient, BatchNorms on running statistics** (inference):
+  :mod:`ulsam_inject.block_inference`, folded BatchNorms and a streaming pass;
+- **eager otherwise** (training, or gradients wanted): :mod:`ulsam_inject.block_training`,
+  one autograd function with a hand-written backward;
+- **traced or compiled** (torch.fx, torch.compile, torch.export, jit tracing, dispatch
+  modes such as ``FlopCounterMode``): the plain module-by-module computation, so that
+  graphs and operator counts show the convolutions and BatchNorms themselves.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_inference import fold_sources, folded, inference_forward
+from .block_training import NormSpec, TrainingPass, uses_batch_stats
 from .errors import BlockConfigError
 
 DEFAULT_MOMENTUM = 0.1
@@ -20,17 +34,30 @@ PyTorch's default; blocks converted from reference weights keep 0.9 unless told 
 """
 
 REFERENCE_MOMENTUM = 0.9
+"""BatchNorm momentum of the reference code, kept by :meth:`ULSAM.from_reference_state_dict`."""
 
 _REFERENCE_KEY = re.compile(r"^subspaces\.(\d+)\.(conv_dws|bn_dws|conv_point|bn_point)\.(\w+)$")
 
 
 def divisors(n: int) -> list[int]:
-    """All positive divisors of ``n``, ascending: the valid group counts for ``n`` channels."""
+    """All positive divisors of ``n``, ascending: the valid group counts for ``n`` channels.
+
+    Example:
+        >>> divisors(12)
+        [1, 2, 3, 4, 6, 12]
+    """
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def check_groups(channels: int, groups: int, where: str = "") -> None:
-    """Raise :class:`BlockConfigError` unless ``groups`` is a positive divisor of ``channels``."""
+    """Raise :class:`BlockConfigError` unless ``groups`` is a positive divisor of ``channels``.
+
+    Example:
+        >>> check_groups(96, 5)
+        Traceback (most recent call last):
+        ...
+        ulsam_inject.errors.BlockConfigError: groups=5 does not divide channels=96; valid ...
+    """
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         raise BlockConfigError(f"channels must be a positive integer, got {channels!r}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or channels % groups:
@@ -39,50 +66,6 @@ def check_groups(channels: int, groups: int, where: str = "") -> None:
             f"groups={groups!r} does not divide channels={channels}{place}; "
             f"valid groups: {', '.join(map(str, divisors(channels)))}"
         )
-
-
-def _separable_max_3x3(x: torch.Tensor) -> torch.Tensor:
-    """Max over each 3x3 window, as a max of shifted slices along W and then along H.
-
-    Windows are clipped at the border, exactly what padding with -inf gives. Writes into
-    fresh buffers with ``out=``, so it is for tensors that need no gradient.
-    """
-    rows = x.clone()
-    torch.maximum(rows[..., 1:], x[..., :-1], out=rows[..., 1:])
-    torch.maximum(rows[..., :-1], x[..., 1:], out=rows[..., :-1])
-    out = rows.clone()
-    torch.maximum(out[..., 1:, :], rows[..., :-1, :], out=out[..., 1:, :])
-    torch.maximum(out[..., :-1, :], rows[..., 1:, :], out=out[..., :-1, :])
-    return out
-
-
-def max_pool_3x3(x: torch.Tensor) -> torch.Tensor:
-    """Same values as ``F.max_pool2d(x, 3, stride=1, padding=1)``, faster on NCHW CPU tensors.
-
-    PyTorch's CPU pooling kernel is about 10x slower on contiguous NCHW tensors than on
-    channels_last ones. Without autograd, separable maxima are used; with autograd, the
-    native kernel on a channels_last copy (so the backward gets the fast kernel too and
-    the gradient goes to the same element as the native op's).
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1)
-    if x.is_contiguous():
-        return _separable_max_3x3(x)
-    return F.max_pool2d(x, 3, 1, 1)
-
-
-def _fold_bn(
-    weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm that follows a conv into the conv's weight and bias."""
-    assert bn.running_var is not None and bn.running_mean is not None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = (bias - bn.running_mean) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
 
 
 class ULSAM(nn.Module):
@@ -97,16 +80,18 @@ class ULSAM(nn.Module):
     Args:
         channels: input (and output) channels C.
         groups: number of subspaces g; must divide ``channels``.
-        momentum: BatchNorm momentum in PyTorch's convention. Defaults to PyTorch's 0.1;
-            the reference code's 0.9 is kept by :meth:`from_reference_state_dict`.
+        momentum: BatchNorm momentum in PyTorch's convention (weight of the newest batch).
+            Defaults to PyTorch's 0.1 (:data:`DEFAULT_MOMENTUM`); the reference code's 0.9
+            is kept by :meth:`from_reference_state_dict`.
         eps: BatchNorm epsilon.
 
     Parameters: 5C + 3g (conv weights 2C, conv biases C + g, BN affine 2C + 2g).
     MACs: 2*C*H*W (depthwise and grouped pointwise 1x1 convs), independent of g.
 
-    In eval mode the BatchNorms are folded into the convs on the fly; the result is the
-    same computation (tested against the per-subspace reference). For the fastest CPU run,
-    wrap the block or the whole model in ``torch.compile``.
+    It computes what the per-subspace reference computes, in train mode (batch statistics,
+    running statistics updated the same way) and eval mode, forward and backward; see the
+    module docstring for the fast paths. ``torch.compile(block)`` is the fastest way to run
+    it on CPU. Double backward is not supported in eager mode.
 
     Example:
         >>> import torch
@@ -148,43 +133,59 @@ class ULSAM(nn.Module):
                 f"{x.shape[1]} channels (shape {tuple(x.shape)})"
             )
 
-    def _attention_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The pre-softmax map, (B, g, H, W)."""
-        c = self.channels
-        if self.training or self.dw_bn.running_mean is None:
-            # A 1x1 depthwise conv is a per-channel scale and shift: one elementwise pass,
-            # with a far cheaper backward than the convolution kernel's.
-            dw = torch.addcmul(
-                self._bias(self.dw).view(1, c, 1, 1), x, self.dw.weight.view(1, c, 1, 1)
-            )
-            pooled = max_pool_3x3(F.relu(self.dw_bn(dw)))
-            return F.relu(self.pw_bn(self.pw(pooled)))
-        # Eval: each conv + BN is one affine map, so fold them (one pass, not three), and run
-        # the grouped pointwise conv as a batched matrix product (far faster than the conv).
-        dw_scale, dw_shift = _fold_bn(self.dw.weight.view(-1), self._bias(self.dw), self.dw_bn)
-        dw = torch.addcmul(dw_shift.view(1, c, 1, 1), x, dw_scale.view(1, c, 1, 1)).relu_()
-        pooled = max_pool_3x3(dw)
-        b, _, h, w = x.shape
-        g = self.groups
-        pw_weight, pw_bias = _fold_bn(self.pw.weight, self._bias(self.pw), self.pw_bn)
-        logits = torch.matmul(pw_weight.view(g, 1, c // g), pooled.reshape(b, g, c // g, h * w))
-        return logits.add_(pw_bias.view(g, 1, 1)).relu_().view(b, g, h, w)
-
-    @staticmethod
-    def _bias(conv: nn.Conv2d) -> torch.Tensor:
-        if conv.bias is not None:
-            return conv.bias
-        return conv.weight.new_zeros(conv.out_channels)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
+            return self.forward_plain(x)
         self._check_input(x)
-        b, c, h, w = x.shape
-        g = self.groups
-        logits = self._attention_logits(x)
-        attention = torch.softmax(logits.reshape(b, g, 1, h * w), dim=-1)
-        grouped = x.reshape(b, g, c // g, h * w)
-        # x + x * A in one pass; A broadcasts over the channels of its subspace.
-        return torch.addcmul(grouped, grouped, attention).view(b, c, h, w)
+        if torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+            # Tracers and dispatch modes (fake tensors, FLOP counters) see the plain ops.
+            return self.forward_plain(x)
+        modules = self._modules
+        if not (uses_batch_stats(modules["dw_bn"]) or uses_batch_stats(modules["pw_bn"])):
+            sources = fold_sources(self)
+            if not torch.is_grad_enabled() or not (
+                x.requires_grad or any(t is not None and t.requires_grad for t in sources[:8])
+            ):
+                return inference_forward(x, folded(self, sources))
+        return self._forward_autograd(x)
+
+    # -- the plain computation ------------------------------------------------------------
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The computation op by op, with the submodules themselves: what tracers should see.
+
+        Same result as :meth:`forward` (up to float rounding), but slower in eager mode.
+        """
+        dw = F.relu(self.dw_bn(self.dw(x)))
+        logits = F.relu(self.pw_bn(self.pw(F.max_pool2d(dw, 3, 1, 1))))
+        attention = torch.softmax(logits.flatten(2), dim=-1).view_as(logits)
+        x5 = x.unflatten(1, (self.groups, self.channels // self.groups))
+        return torch.addcmul(x5, x5, attention.unsqueeze(2)).flatten(1, 2)
+
+    # -- eager, with autograd or batch statistics ------------------------------------------
+
+    def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        dw_bn, pw_bn = self.dw_bn, self.pw_bn
+        if (uses_batch_stats(dw_bn) or uses_batch_stats(pw_bn)) and b * h * w < 2:
+            raise BlockConfigError(
+                "ULSAM with BatchNorm on batch statistics (training mode) needs more than one "
+                f"value per channel (batch * height * width > 1), got input shape {tuple(x.shape)}"
+            )
+        out: torch.Tensor = TrainingPass.apply(
+            x,
+            self.dw.weight,
+            self.dw.bias,
+            dw_bn.weight,
+            dw_bn.bias,
+            self.pw.weight,
+            self.pw.bias,
+            pw_bn.weight,
+            pw_bn.bias,
+            NormSpec.of(dw_bn),
+            NormSpec.of(pw_bn),
+        )
+        return out
 
     # -- weights in the reference code's layout ------------------------------------------
 
@@ -204,10 +205,9 @@ class ULSAM(nn.Module):
         Example:
             >>> from ulsam_inject.reference import ReferenceULSAM
             >>> ref = ReferenceULSAM(32, groups=4)
-            >>> ULSAM.from_reference_state_dict(ref.state_dict())
-            ULSAM(
-              channels=32, groups=4
-              ...
+            >>> block = ULSAM.from_reference_state_dict(ref.state_dict())
+            >>> block.channels, block.groups, block.dw_bn.momentum
+            (32, 4, 0.9)
         """
         by_subspace: dict[int, dict[str, torch.Tensor]] = {}
         unexpected = []
@@ -233,6 +233,8 @@ class ULSAM(nn.Module):
             raise BlockConfigError("reference state dict has no 'subspaces.0.conv_dws.weight'")
         width = first.shape[0]
         block = cls(width * groups, groups, momentum=momentum, eps=eps)
+        if first.is_floating_point():
+            block = block.to(device=first.device, dtype=first.dtype)
         target = block.state_dict()
         expected = {
             "conv_dws.weight": ("dw.weight", (width, 1, 1, 1)),
@@ -257,7 +259,9 @@ class ULSAM(nn.Module):
                     raise BlockConfigError(
                         f"subspaces.{n}.{ref_key} has shape {tuple(value.shape)}, expected {shape}"
                     )
-                rows = slice(n, n + 1) if key.startswith("pw") else slice(n * width, (n + 1) * width)
+                rows = (
+                    slice(n, n + 1) if key.startswith("pw") else slice(n * width, (n + 1) * width)
+                )
                 target[key][rows] = value.reshape(target[key][rows].shape)
         for bn, ref_bn in (("dw_bn", "bn_dws"), ("pw_bn", "bn_point")):
             counts = [

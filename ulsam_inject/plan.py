@@ -115,4 +115,4 @@ def _placement(stage: Stage, groups: int, mode: str) -> Placement:
             f"groups={groups!r} does not divide the {channels} channels of {stage.name}; "
             f"valid groups there: {', '.join(map(str, divisors(channels)))}"
         )
-    return Placement(stage, groups, cast(Mode, mode), module_name_for(stage.name))
+    return Placement(stage, groups, mode, module_name_for(stage.name))

@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 
 from .errors import PositionError
 from .stages import Stage
-from .trace import Traced
+from .trace import Traced, node_shape
 
 PositionSpec = int | str | Sequence[int | str]
 
@@ -25,7 +25,12 @@ _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 def split_spec(spec: PositionSpec) -> list[str]:
     """Flatten a spec into tokens: lists and comma-separated strings alike."""
-    items = [spec] if isinstance(spec, (int, str)) else list(spec)
+    if isinstance(spec, (int, str)):
+        items: list[object] = [spec]
+    elif isinstance(spec, Sequence):
+        items = list(spec)
+    else:
+        raise PositionError(f"a position is an int or a string (or a list of them), got {spec!r}")
     tokens: list[str] = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
@@ -93,6 +98,12 @@ def _sample(names: dict[str, Stage]) -> str:
 
 
 def _unknown_name_message(token: str, by_name: dict[str, Stage], traced: Traced | None) -> str:
+    for stage in by_name.values():
+        if any(token.startswith(m + ".") or token == m for m in stage.modules):
+            return (
+                f"{token!r} lies inside stage {stage.name!r}: a position is a whole stage "
+                f"(ULSAM goes on its output); use {stage.name!r} or index {stage.index}"
+            )
     if traced is not None:
         leaf = traced.leaf_containing(token)
         if leaf is not None:
@@ -103,10 +114,25 @@ def _unknown_name_message(token: str, by_name: dict[str, Stage], traced: Traced 
             )
         root = traced.root if traced.root is not None else traced.graph_module
         if token in dict(root.named_modules()):
+            shape = _output_shape(traced, token)
+            if shape is not None and len(shape) != 4:
+                return (
+                    f"{token!r} is a module of the model, but its output is {len(shape)}-D "
+                    f"{shape}: ULSAM needs a 4-D (batch, channels, height, width) activation; "
+                    f"stages are {_sample(by_name)}"
+                )
             return (
                 f"{token!r} is a module of the model but not a depthwise/pointwise stage; "
                 f"stages are {_sample(by_name)}"
             )
     close = difflib.get_close_matches(token, list(by_name), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; stages are {_sample(by_name)}"
-    return f"unknown position {token!r}{hint} (an index, a range like 12-15, a name, a glob or 'all')"
+    return (
+        f"unknown position {token!r}{hint} (an index, a range like 12-15, a name, a glob or 'all')"
+    )
+
+
+def _output_shape(traced: Traced, path: str) -> tuple[int, ...] | None:
+    """The shape of the last value computed inside module ``path`` (batch size 1)."""
+    inside = [n for n in traced.graph_module.graph.nodes if path in n.meta.get("scope", ())]
+    return node_shape(inside[-1]) if inside else None

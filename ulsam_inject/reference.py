@@ -16,7 +16,7 @@ from torch import nn
 
 
 class ReferenceSubspace(nn.Module):
-    """One subspace: DW 1x1 -> BN -> ReLU -> maxpool 3x3/1 -> PW to one map -> BN -> ReLU -> softmax."""
+    """One subspace: DW 1x1, BN, ReLU, maxpool 3x3/1, PW to one map, BN, ReLU, softmax."""
 
     def __init__(self, channels: int, momentum: float = 0.9) -> None:
         super().__init__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .block import ULSAM
-from .errors import TraceError
+from .errors import PositionError, TraceError
 from .plan import CONTAINER, Placement, Plan
 from .trace import Traced
 
@@ -22,6 +22,7 @@ def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
     graph = graph_module.graph
     by_name = {node.name: node for node in graph.nodes}
     container = _container(graph_module)
+    _check_names_free(container, plan)
     reference = next(iter(graph_module.parameters()), None)
     for placement in plan.placements:
         block = ULSAM(placement.channels, placement.groups)
@@ -51,6 +52,19 @@ def _container(graph_module: fx.GraphModule) -> nn.Module:
     container = nn.Module()
     graph_module.add_module(CONTAINER, container)
     return container
+
+
+def _check_names_free(container: nn.Module, plan: Plan) -> None:
+    """Refuse a second block at a position: two graph nodes would call one module."""
+    taken = {name for name, _ in container.named_children()}
+    for placement in plan.placements:
+        child = placement.module_name.split(".", 1)[1]
+        if child in taken:
+            raise PositionError(
+                f"{placement.stage.name} has a ULSAM block already ({placement.module_name}): "
+                f"the model was retrofitted there before; choose other positions"
+            )
+        taken.add(child)
 
 
 def _new_node(graph: fx.Graph, placement: Placement, source: fx.Node, like: fx.Node) -> fx.Node:
@@ -115,4 +129,3 @@ def identity_blocks(graph_module: fx.GraphModule) -> fx.GraphModule:
             setattr(parent, child, nn.Identity())
     graph_module.recompile()
     return graph_module
-

@@ -19,6 +19,7 @@ flow, not from model names:
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -27,10 +28,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .block import ULSAM
 from .trace import Traced, node_shape, trace_model
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
+_BLOCKS = "ulsam"
+"""Where a retrofitted model keeps its blocks (``plan.CONTAINER``; plan imports this module)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ class _StageFinder:
             holders = sorted(
                 (c for c in self._children(path) if self._anchors_in(c)), key=self._first_index
             )
-            result = any(self._flows(a, b) for a, b in zip(holders, holders[1:]))
+            result = any(self._flows(a, b) for a, b in itertools.pairwise(holders))
         if not result:
             result = any(self._is_composite(c) for c in self._children(path) if self._anchors_in(c))
         self._composite[path] = result
@@ -211,13 +215,63 @@ class _StageFinder:
         children = [c for c in self._children(path) if self._anchors_in(c)]
         if is_root or self._is_composite(path):
             for child in children:
-                self._visit(child, found)
+                if not self._add_pair_stage(path, child, found):
+                    self._visit(child, found)
             return
         conv_children = [c for c in self._children(path) if self._convs_in(c)]
-        if self._is_container(path) and len(conv_children) == 1 and conv_children[0] not in self.conv_anchor_paths:
+        if (
+            self._is_container(path)
+            and len(conv_children) == 1
+            and conv_children[0] not in self.conv_anchor_paths
+        ):
             self._visit(conv_children[0], found)
             return
         self._add_module_stage(path, found)
+
+    def _add_pair_stage(self, parent: str, child: str, found: list[tuple[int, Stage]]) -> bool:
+        """A depthwise-only module and the pointwise sibling after it, as one stage.
+
+        MobileOne and hand-written MobileNetV1s lay a block out as sibling modules
+        (``dw conv-bn-act``, ``pw conv-bn-act``) in one ``Sequential``: no module encloses
+        the pair, so the stage spans the siblings and is named ``stages.1.0-1``.
+        """
+        if child in self.anchor_paths or self._is_composite(child):
+            return False
+        convs = self._conv_modules(child)
+        if not convs or not all(map(is_anchor_conv, convs)):
+            return False
+        siblings = self._children(parent)
+        taken: list[str] = []
+        seen_pointwise = False
+        for sibling in siblings[siblings.index(child) + 1 :]:
+            nodes = self.region.get(sibling)
+            if not nodes or self._anchors_in(sibling):
+                break
+            sibling_convs = self._conv_modules(sibling)
+            if sibling_convs:
+                if seen_pointwise or not all(map(is_pointwise_conv, sibling_convs)):
+                    break
+                seen_pointwise = True
+            elif node_shape(nodes[-1]) != node_shape(self.region[child][-1]):
+                break  # only shape-keeping modules (norm, activation) ride along
+            taken.append(sibling)
+        if not seen_pointwise:
+            return False
+        modules = (child, *taken)
+        nodes = sorted({n for m in modules for n in self.region[m]}, key=self.order.__getitem__)
+        name = f"{child}-{taken[-1].rsplit('.', 1)[-1]}"
+        stage = self._make_stage(name, nodes, modules)
+        if stage is None:
+            return False
+        found.append((self.order[nodes[0]], stage))
+        return True
+
+    def _conv_modules(self, path: str) -> list[nn.Conv2d]:
+        return [
+            m
+            for n in self.region.get(path, [])
+            if n.op == "call_module" and isinstance(m := self._module(n), nn.Conv2d)
+        ]
 
     def _add_module_stage(self, path: str, found: list[tuple[int, Stage]]) -> None:
         nodes = self.region.get(path, [])
@@ -230,15 +284,26 @@ class _StageFinder:
         nodes = [anchor]
         seen_pointwise = False
         node = anchor
+        container = anchor_path.rpartition(".")[0]
         while len(node.users) == 1:
             (user,) = node.users
             if user.op == "output" or len(user.all_input_nodes) != 1:
                 break
+            if container and container not in user.meta.get("scope", ()):
+                break  # the pair ends with the container that lays it out
             module = self._module(user) if user.op == "call_module" else None
+            if user.op == "call_module" and (
+                isinstance(module, ULSAM) or str(user.target).split(".")[0] == _BLOCKS
+            ):
+                break  # a retrofitted model's block is not part of the stage
             if module is not None and isinstance(module, nn.Conv2d):
                 if seen_pointwise or not is_pointwise_conv(module):
                     break
                 seen_pointwise = True
+            elif node_shape(user) is None or node_shape(user) != node_shape(node):
+                # Only shape-keeping ops (norm, activation) ride along: a pool, a flatten
+                # or a classifier after the last pair is not part of the stage.
+                break
             nodes.append(user)
             node = user
         module_paths = [str(n.target) for n in nodes if n.op == "call_module"]
@@ -294,7 +359,9 @@ class _StageFinder:
 
     def _kind(self, nodes: list[fx.Node]) -> str:
         convs = [
-            m for n in nodes if n.op == "call_module" and isinstance(m := self._module(n), nn.Conv2d)
+            m
+            for n in nodes
+            if n.op == "call_module" and isinstance(m := self._module(n), nn.Conv2d)
         ]
         ops = {str(n.target) for n in nodes if n.op == "call_method"}
         ops |= {getattr(n.target, "__name__", "") for n in nodes if n.op == "call_function"}

@@ -28,6 +28,8 @@ from .block import ULSAM
 from .errors import InputSizeError, ShapeError, TraceError
 
 MAX_LEAF_RETRIES = 400
+LEAVES_META = "ulsam_inject.leaves"
+"""Key of ``GraphModule.meta`` that keeps the leaves of a traced (and retrofitted) model."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,13 @@ class _ScopeTracer(fx.Tracer):
         self.path_stack: list[str] = []
         self.failed_path: str | None = None
         self.failure: str = ""
+        self._names: dict[int, tuple[str, torch.Tensor]] = {}
+        self._names_root: nn.Module | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, ULSAM) or module_qualified_name in self.extra_leaves:
+        # Conv2d subclasses (timm's Conv2dSame, StdConv2d, a user's own) stay one call, like
+        # nn.Conv2d itself: stage discovery finds depthwise/pointwise convs as modules.
+        if isinstance(m, (ULSAM, nn.Conv2d)) or module_qualified_name in self.extra_leaves:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -87,6 +93,37 @@ class _ScopeTracer(fx.Tracer):
             raise
         finally:
             self.path_stack.pop()
+
+    def create_arg(self, a: Any) -> Any:
+        # fx looks a parameter or buffer up by scanning every named parameter (buffer) of
+        # the root, once per use: quadratic on timm models whose norms call F.batch_norm
+        # with their own tensors. Look it up in a table instead, built once per root.
+        if isinstance(a, torch.Tensor):
+            entry = self._tensor_names().get(id(a))
+            if entry is not None and entry[1] is a:
+                return self.create_node("get_attr", entry[0], (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # The same scan, for a parameter read as an attribute in traced code.
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            entry = self._tensor_names().get(id(attr_val))
+            if entry is not None and entry[1] is attr_val:
+                name = entry[0]
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _tensor_names(self) -> dict[int, tuple[str, torch.Tensor]]:
+        if self._names_root is not self.root:
+            names: dict[int, tuple[str, torch.Tensor]] = {}
+            for name, buffer in self.root.named_buffers():
+                names.setdefault(id(buffer), (name, buffer))
+            for name, parameter in self.root.named_parameters():
+                names.setdefault(id(parameter), (name, parameter))
+            self._names, self._names_root = names, self.root
+        return self._names
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -131,7 +168,17 @@ def trace_model(
         {}
     """
     check_input_size(input_size)
-    leaves: dict[str, str] = {}
+    size = (input_size[0], input_size[1], input_size[2])
+    if isinstance(model, fx.GraphModule) and all(
+        "scope" in n.meta for n in model.graph.nodes if n.op.startswith("call_")
+    ):
+        # Made by trace_model (a retrofitted model, say): its graph records the scopes of
+        # every node, which tracing its flattened code again would lose for all but the
+        # module calls. Use a copy of that graph.
+        graph_module = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+        leaves = dict(model.meta.get(LEAVES_META, {}))
+        return _finish(model, graph_module, size, leaves, propagate)
+    leaves = {}
     for _ in range(MAX_LEAF_RETRIES):
         eval_graph, tracer = _trace_in_mode(model, leaves, training=False)
         train_graph, _ = _trace_in_mode(model, leaves, training=True)
@@ -141,12 +188,23 @@ def trace_model(
             continue
         _read_training_flag(train_graph, eval_graph)
         graph_module = fx.GraphModule(tracer.root, eval_graph, type(model).__name__)
-        _copy_unreferenced_state(model, graph_module)
-        graph_module.train(model.training)
-        method = propagate_shapes(graph_module, input_size) if propagate else "none"
-        size = (input_size[0], input_size[1], input_size[2])
-        return Traced(graph_module, size, leaves, method, root=model)
+        return _finish(model, graph_module, size, leaves, propagate)
     raise TraceError(f"gave up tracing after making {MAX_LEAF_RETRIES} submodules leaves")
+
+
+def _finish(
+    model: nn.Module,
+    graph_module: fx.GraphModule,
+    size: tuple[int, int, int],
+    leaves: dict[str, str],
+    propagate: bool,
+) -> Traced:
+    _copy_unreferenced_state(model, graph_module)
+    # Only the root's flag: the submodules are the model's own, with their own flags.
+    graph_module.training = model.training
+    graph_module.meta[LEAVES_META] = dict(leaves)
+    method = propagate_shapes(graph_module, size) if propagate else "none"
+    return Traced(graph_module, size, leaves, method, root=model)
 
 
 def _trace_in_mode(
@@ -154,6 +212,10 @@ def _trace_in_mode(
 ) -> tuple[fx.Graph, _ScopeTracer]:
     """Trace once in the given mode, adding untraceable submodules to ``leaves`` as needed."""
     flags = [(m, m.training) for m in model.modules()]
+    # Traced code runs for real on tensors that are not proxies: a buffer read as an
+    # attribute and updated in place (timm's BatchNormAct2d counts batches in train mode)
+    # would change the user's model. Put every buffer's value back afterwards.
+    buffers = [(b, b.clone()) for b in model.buffers()]
     model.train(training)
     try:
         for _ in range(MAX_LEAF_RETRIES):
@@ -170,6 +232,10 @@ def _trace_in_mode(
     finally:
         for m, flag in flags:
             m.training = flag
+        with torch.no_grad():
+            for buffer, value in buffers:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
     raise TraceError(f"gave up tracing after making {MAX_LEAF_RETRIES} submodules leaves")
 
 
@@ -218,25 +284,43 @@ def _read_training_flag(train: fx.Graph, eval_: fx.Graph) -> None:
             first = next(n for n in eval_.nodes if n.op != "placeholder")
             with eval_.inserting_before(first):
                 flag = eval_.get_attr("training")
-        b.args = tuple(flag if v is None and b.args[i] is False else v for i, v in enumerate(new_args))
-        b.kwargs = {k: flag if v is None and b.kwargs[k] is False else v for k, v in new_kwargs.items()}
+            flag.meta["scope"] = ()
+        b.args = tuple(
+            flag if v is None and b.args[i] is False else v for i, v in enumerate(new_args)
+        )
+        b.kwargs = {
+            k: flag if v is None and b.kwargs[k] is False else v for k, v in new_kwargs.items()
+        }
 
 
 def _copy_unreferenced_state(model: nn.Module, graph_module: fx.GraphModule) -> None:
     """Keep modules the forward never touches, so state-dict keys match the original's."""
     present = set(graph_module.state_dict(keep_vars=True))
     for path, module in model.named_modules():
-        keys = [f"{path}.{k}" for k in _own_state_names(module)]
-        if not path or not keys or all(k in present for k in keys):
+        missing = [k for k in _own_state_names(module) if f"{path}.{k}" not in present]
+        if not path or not missing:
             continue
         if not _has_attr_path(graph_module, path):
             graph_module.add_submodule(path, module)
             present.update(f"{path}.{k}" for k in module.state_dict(keep_vars=True))
+            continue
+        # The path exists, built by fx from the tensors the graph reads: add the tensors
+        # it never reads (e.g. a BatchNorm's num_batches_tracked in a traced-through norm).
+        target = graph_module.get_submodule(path)
+        for name in missing:
+            value = getattr(module, name)
+            if isinstance(value, nn.Parameter):
+                target.register_parameter(name, value)
+            else:
+                target.register_buffer(name, value)
+            present.add(f"{path}.{name}")
 
 
 def _own_state_names(module: nn.Module) -> list[str]:
     return [n for n, _ in module.named_parameters(recurse=False)] + [
-        n for n, _ in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+        n
+        for n, _ in module.named_buffers(recurse=False)
+        if n not in module._non_persistent_buffers_set
     ]
 
 
