@@ -7,14 +7,16 @@ a burst of load on the machine hits all of them alike), and reports medians in m
 
 - ``reference``: :class:`ulsam_inject.reference.ReferenceULSAM`, the per-subspace loop;
 - ``ULSAM``: the block in its default (eager) mode;
-- ``compiled``: ``torch.compile(block)`` (inductor), the fastest mode, for a few rows;
+- ``compiled``: ``torch.compile(block)`` (inductor), for a few rows;
 - ``SE``: squeeze-and-excitation, reduction 16 (avgpool, fc C/16, ReLU, fc C, sigmoid, scale);
 - ``x*2``: one elementwise pass over the activation, the floor for any block on it.
 
 ``eval`` rows run under ``torch.no_grad()``; ``train`` rows time forward + backward of the
 sum of the output times a fixed random tensor, with the input requiring grad. Ratios:
 ``ref/U`` is how many times faster ULSAM is than the reference (``ref/C`` compiled),
-``U/SE`` and ``U/x2`` how many SE blocks or elementwise passes one ULSAM costs.
+``U/SE`` and ``U/x2`` how many SE blocks or elementwise passes one ULSAM costs. A
+``fastest`` target is checked against the faster of the default (eager) and the compiled
+mode, and the verdict names the one that was faster.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Case:
 
 CASES = [
     Case("eval", (1, 512, 14, 14), 4, compiled=True, targets={"ULSAM": 8.0}),
-    Case("eval", (32, 512, 14, 14), 4, compiled=True, targets={"ULSAM": 3.0, "compiled": 6.0}),
+    Case("eval", (32, 512, 14, 14), 4, compiled=True, targets={"ULSAM": 3.0, "fastest": 6.0}),
     Case("train", (32, 160, 7, 7), 4, targets={"ULSAM": 2.0}),
     Case("train", (32, 512, 14, 14), 4, targets={"ULSAM": 2.0}),
     *[Case("eval", (1, 96, 14, 14), g) for g in (1, 4, 16)],
@@ -175,14 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         ms = bench_case(case, args.rounds, args.budget, not args.no_compile)
         ref = ms["reference"]
         ratio = {name: ref / value for name, value in ms.items()}
+        fastest = max(("ULSAM", "compiled"), key=lambda name: ratio.get(name, 0.0))
         verdicts = []
         for name, minimum in case.targets.items():
-            if name not in ratio:
-                continue
-            ok = ratio[name] >= minimum
+            measured = ratio[fastest] if name == "fastest" else ratio[name]
+            label = f"fastest ({'eager' if fastest == 'ULSAM' else fastest})"
+            ok = measured >= minimum
             misses += not ok
-            label = "ULSAM" if name == "ULSAM" else name
-            verdicts.append(f"{label} >= {minimum:g}x: {'met' if ok else 'MISSED'}")
+            verdicts.append(
+                f"{label if name == 'fastest' else name} >= {minimum:g}x: "
+                f"{'met' if ok else 'MISSED'}"
+            )
         print(
             f"{case.label:26s} {fmt(ref, 9)} {fmt(ms['ULSAM'])} {fmt(ms.get('compiled'))}"
             f" {fmt(ms['SE'])} {fmt(ms['x*2'])} {fmt(ratio['ULSAM'], 6, 1)}"

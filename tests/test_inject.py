@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 import pickle
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from ulsam_inject import ULSAM, Retrofit, find_stages, inject, trace_model
+from ulsam_inject import ULSAM, Retrofit, Stage, find_stages, inject, trace_model
 from ulsam_inject.block import divisors
 from ulsam_inject.errors import GroupsError, PositionError, ReplaceError
 from ulsam_inject.rewrite import identity_blocks
@@ -154,6 +155,32 @@ def test_pickles_and_traces_again(retrofit):
     assert torch.allclose(_run(plain, x), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_copies_keep_the_structure_and_the_train_mode(tv_model):
+    """Pickled (traced again from its code when loaded) or deep-copied, a retrofitted
+    model keeps its stages, its stochastic depth in train mode, and takes more blocks in
+    the right places (after a residual add, not before it)."""
+    result = inject(tv_model("efficientnet_b0"), at="features.3.0", input_size=SMALL)
+    stages = [s.to_dict() for s in find_stages(result.model, SMALL)]
+    assert sum(s["residual"] for s in stages) == 9
+    x = torch.randn(2, *SMALL)
+    result.model.train()
+    torch.manual_seed(3)
+    expected = result.model(x)
+    for twin in (
+        pickle.loads(pickle.dumps(result.model)),
+        copy.deepcopy(result.model),
+        pickle.loads(pickle.dumps(copy.deepcopy(result.model))),
+        copy.deepcopy(pickle.loads(pickle.dumps(result.model))),
+    ):
+        assert [s.to_dict() for s in find_stages(twin, SMALL)] == stages
+        twin.train()
+        torch.manual_seed(3)
+        assert torch.equal(twin(x), expected)
+        again = inject(twin, at="features.4.1", input_size=SMALL, report=False).model
+        (block,) = [n for n in again.graph.nodes if n.target == "ulsam.features_4_1"]
+        assert block.args[0].target is operator.add
+
+
 def test_groups_mapping_and_both_modes_in_one_plan(mobilenet_v2):
     result = inject(
         mobilenet_v2,
@@ -230,6 +257,28 @@ def plans(draw: st.DrawFn):
     return net, chosen, groups, modes
 
 
+class Doubler(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def _doubled_at(model: nn.Module, stages: list[Stage], modes: dict[int, str]) -> nn.Module:
+    """A copy of ``model`` whose chosen stages give twice their output ("after") or twice
+    their input ("replace"), by forward hooks on the stages' first and last modules."""
+    model = copy.deepcopy(model)
+    for index, mode in modes.items():
+        stage = stages[index]
+        first = model.get_submodule(stage.modules[0])
+        last = model.get_submodule(stage.modules[-1])
+        if mode == "after":
+            last.register_forward_hook(lambda _m, _i, out: out * 2)
+        else:
+            seen: dict[str, torch.Tensor] = {}
+            first.register_forward_pre_hook(lambda _m, args, seen=seen: seen.update(x=args[0]))
+            last.register_forward_hook(lambda _m, _i, _o, seen=seen: seen["x"] * 2)
+    return model
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plans())
 def test_injection_at_random_positions_keeps_shapes_and_outputs(case):
@@ -255,6 +304,17 @@ def test_injection_at_random_positions_keeps_shapes_and_outputs(case):
         assert [(s.in_channels, s.out_channels) for s in found] == [
             (s.in_channels, s.out_channels) for s in kept
         ]
+    # Where each block went: with every ULSAM doubling its input, the retrofitted model
+    # is the original with each chosen stage's output doubled, or for a replaced stage,
+    # its input doubled in place of its output.
+    doubled = copy.deepcopy(result.model)
+    for name, module in list(doubled.named_modules()):
+        if isinstance(module, ULSAM):
+            parent, _, child = name.rpartition(".")
+            setattr(doubled.get_submodule(parent), child, Doubler())
+    doubled.recompile()
+    reference = _doubled_at(model, list(result.stages), modes)
+    assert torch.equal(_run(doubled, x), _run(reference, x))
     result.model.train()
     result.model(x).sum().backward()
     assert all(p.grad is not None for b in blocks for p in b.parameters())

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from ulsam_inject import find_stages, make_plan, trace_model
-from ulsam_inject.errors import GroupsError, PositionError, ReplaceError, UlsamUsageError
+from ulsam_inject.errors import (
+    GroupsError,
+    ModeError,
+    PositionError,
+    ReplaceError,
+    UlsamUsageError,
+)
 from ulsam_inject.plan import module_name_for
 
 
@@ -87,8 +93,26 @@ def test_replace_refuses_a_stage_that_changes_shape(stages):
 
 
 def test_unknown_mode(stages):
-    with pytest.raises(PositionError, match=r"mode 'before' for features\.13 is not one of"):
+    with pytest.raises(ModeError, match=r"mode 'before' for features\.13 is not one of"):
         make_plan(stages, "features.13", mode="before")
+
+
+@pytest.mark.parametrize("groups", [0, -4, True, "4", 2.0])
+def test_groups_must_be_a_positive_int(stages, groups):
+    with pytest.raises(GroupsError, match=r"groups must be a positive integer.*valid groups there"):
+        make_plan(stages, "features.13", groups=groups)
+
+
+def test_a_mapping_entry_outside_the_positions_is_refused(stages):
+    with pytest.raises(
+        PositionError, match=r"groups given for 'features\.16', which is not among the chosen"
+    ):
+        make_plan(stages, "features.13", groups={"features.16": 8})
+    with pytest.raises(PositionError, match=r"mode given for 'features\.1\*'"):
+        make_plan(stages, "features.2", mode={"features.1*": "replace"})
+    # A glob that reaches some chosen stage is fine.
+    plan = make_plan(stages, "12-13", groups={"features.1*": 8})
+    assert [p.groups for p in plan.placements] == [8, 8]
 
 
 def test_unknown_position_in_a_mapping(stages, traced):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ulsam_inject import find_stages, resolve_positions, trace_model
+from ulsam_inject import Stage, find_stages, resolve_positions, trace_model
 from ulsam_inject.errors import PositionError, UlsamUsageError
 from ulsam_inject.positions import split_spec
 
@@ -55,16 +55,33 @@ def test_all_and_globs(stages):
     assert names("features.1*", stages) == ["features.1"] + [f"features.1{i}" for i in range(8)]
 
 
-def test_names_take_precedence_over_index_syntax():
-    from ulsam_inject.stages import Stage
+def _stage(i: int, name: str) -> Stage:
+    return Stage(i, name, "depthwise-separable", 8, 8, 1, 4, 4, False, True, "", "", (), ())
 
-    def stage(i: int, name: str) -> Stage:
-        return Stage(i, name, "depthwise-separable", 8, 8, 1, 4, 4, False, True, "", "", (), ())
 
+def test_names_that_read_as_indices():
     # A flat stage at the root of a Sequential is named like a range.
-    stages = [stage(0, "3-8"), stage(1, "9-14"), *(stage(i, f"b{i}") for i in range(2, 10))]
-    assert names("3-8", stages) == ["3-8"]
+    stages = [_stage(0, "3-8"), _stage(1, "9-14"), *(_stage(i, f"b{i}") for i in range(2, 10))]
     assert names("1-2", stages) == ["9-14", "b2"]
+    assert names("9-14", stages) == ["9-14"]  # out of range as indices: only a name
+    with pytest.raises(PositionError, match=r"'3-8' is ambiguous: it names stage 0 .* -10 for"):
+        resolve_positions("3-8", stages)
+
+
+def test_an_int_is_always_an_index():
+    # The stages of a model whose root is a Sequential: named "1", "2", "3".
+    stages = [_stage(i, str(i + 1)) for i in range(3)]
+    assert names(1, stages) == ["2"]
+    assert names([0, 2], stages) == ["1", "3"]
+    assert names("0", stages) == ["1"]  # no stage is named "0": an index
+    assert names("-2", stages) == ["2"]  # negative indices are never names
+    with pytest.raises(
+        PositionError,
+        match=r"'1' is ambiguous: it names stage 0 and also reads as index 1; .* -3 for '1', "
+        r"or -2 for '2'",
+    ):
+        resolve_positions("1", stages)
+    assert names("3", stages) == ["3"]  # index 3 is out of range: only a name
 
 
 def test_index_out_of_range_says_what_is_valid(stages):
@@ -149,7 +166,7 @@ def test_position_inside_an_untraceable_leaf_says_why():
         PositionError, match=r"'odd\.conv' lies inside 'odd'.*cannot trace.*control flow"
     ):
         resolve_positions("odd.conv", stages, traced)
-    with pytest.raises(PositionError, match=r"'odd' is a leaf torch\.fx cannot trace"):
+    with pytest.raises(PositionError, match=r"'odd' is a leaf, a submodule torch\.fx cannot trace"):
         resolve_positions("odd", stages, traced)
 
 
@@ -167,4 +184,4 @@ def test_position_errors_are_usage_errors(stages):
 
 def test_split_spec():
     assert split_spec("1, 2,features.3") == ["1", "2", "features.3"]
-    assert split_spec([1, "2-3"]) == ["1", "2-3"]
+    assert split_spec([1, "2-3"]) == [1, "2-3"]

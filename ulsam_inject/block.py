@@ -90,8 +90,10 @@ class ULSAM(nn.Module):
 
     It computes what the per-subspace reference computes, in train mode (batch statistics,
     running statistics updated the same way) and eval mode, forward and backward; see the
-    module docstring for the fast paths. ``torch.compile(block)`` is the fastest way to run
-    it on CPU. Double backward is not supported in eager mode.
+    module docstring for the fast paths. On the CPU the default (eager) mode is the fastest
+    (``torch.compile(block)`` runs the plain computation through inductor: about as fast at
+    batch 32, slower at batch 1; see benchmarks/bench_block.py). Double backward is not
+    supported in eager mode.
 
     Example:
         >>> import torch

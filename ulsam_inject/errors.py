@@ -33,6 +33,10 @@ class GroupsError(UlsamUsageError):
     """A group count does not divide the channels at its position."""
 
 
+class ModeError(UlsamUsageError):
+    """A mode is neither "after" nor "replace"."""
+
+
 class ReplaceError(UlsamUsageError):
     """A stage asked to be replaced does not keep its input shape."""
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from .block import divisors
-from .errors import GroupsError, PositionError, ReplaceError
+from .errors import GroupsError, ModeError, PositionError, ReplaceError
 from .positions import PositionSpec, resolve_positions
 from .stages import Stage
 from .trace import Traced
@@ -73,8 +73,8 @@ def make_plan(
         [{'at': 'features.13', 'groups': 8, 'mode': 'after'}]
     """
     chosen = resolve_positions(at, stages, traced)
-    group_of = _per_stage(groups, DEFAULT_GROUPS, stages, traced, "groups")
-    mode_of = _per_stage(mode, "after", stages, traced, "mode")
+    group_of = _per_stage(groups, DEFAULT_GROUPS, stages, chosen, traced, "groups")
+    mode_of = _per_stage(mode, "after", stages, chosen, traced, "mode")
     placements = []
     for stage in chosen:
         g = group_of.get(stage.index, group_of.get(-1, DEFAULT_GROUPS))
@@ -84,17 +84,32 @@ def make_plan(
 
 
 def _per_stage(
-    value: Any, default: Any, stages: Sequence[Stage], traced: Traced | None, what: str
+    value: Any,
+    default: Any,
+    stages: Sequence[Stage],
+    chosen: Sequence[Stage],
+    traced: Traced | None,
+    what: str,
 ) -> dict[int, Any]:
-    """Map stage index -> value; key -1 holds the value for every stage not named."""
+    """Map stage index -> value; key -1 holds the value for every stage not named.
+
+    An entry whose positions include none of the chosen stages is refused: it would be
+    ignored, and is most likely a typo or a position missing from ``at``.
+    """
     if not isinstance(value, Mapping):
         return {-1: value}
     result: dict[int, Any] = {-1: default}
+    picked = {stage.index for stage in chosen}
     for spec, item in value.items():
         try:
             targets = resolve_positions(spec, stages, traced)
         except PositionError as error:
             raise PositionError(f"in the {what} mapping: {error}") from None
+        if not picked & {stage.index for stage in targets}:
+            raise PositionError(
+                f"{what} given for {spec!r}, which is not among the chosen positions "
+                f"({', '.join(s.name for s in chosen)}); add it to the positions or drop it"
+            )
         for stage in targets:
             result[stage.index] = item
     return result
@@ -102,7 +117,7 @@ def _per_stage(
 
 def _placement(stage: Stage, groups: int, mode: str) -> Placement:
     if mode not in MODES:
-        raise PositionError(f"mode {mode!r} for {stage.name} is not one of: after, replace")
+        raise ModeError(f"mode {mode!r} for {stage.name} is not one of: after, replace")
     if mode == "replace" and not stage.replaceable:
         raise ReplaceError(
             f"cannot replace {stage.name}: it maps {stage.in_channels} channels to "
@@ -110,7 +125,12 @@ def _placement(stage: Stage, groups: int, mode: str) -> Placement:
             f"output shapes are identical can be replaced (use mode 'after')"
         )
     channels = stage.out_channels
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise GroupsError(
+            f"groups must be a positive integer, got {groups!r} for {stage.name}; "
+            f"valid groups there: {', '.join(map(str, divisors(channels)))}"
+        )
+    if channels % groups:
         raise GroupsError(
             f"groups={groups!r} does not divide the {channels} channels of {stage.name}; "
             f"valid groups there: {', '.join(map(str, divisors(channels)))}"

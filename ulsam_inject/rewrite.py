@@ -7,7 +7,8 @@ from torch import fx, nn
 from .block import ULSAM
 from .errors import PositionError, TraceError
 from .plan import CONTAINER, Placement, Plan
-from .trace import Traced
+from .stages import activation_inputs
+from .trace import Traced, record_structure
 
 
 def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
@@ -36,6 +37,7 @@ def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
             _replace(graph_module, by_name, placement)
     graph.lint()
     graph_module.recompile()
+    record_structure(graph_module, traced.leaves)
     return graph_module
 
 
@@ -56,15 +58,22 @@ def _container(graph_module: fx.GraphModule) -> nn.Module:
 
 def _check_names_free(container: nn.Module, plan: Plan) -> None:
     """Refuse a second block at a position: two graph nodes would call one module."""
-    taken = {name for name, _ in container.named_children()}
+    existing = {name for name, _ in container.named_children()}
+    planned: dict[str, str] = {}
     for placement in plan.placements:
         child = placement.module_name.split(".", 1)[1]
-        if child in taken:
+        if child in existing:
             raise PositionError(
                 f"{placement.stage.name} has a ULSAM block already ({placement.module_name}): "
                 f"the model was retrofitted there before; choose other positions"
             )
-        taken.add(child)
+        if child in planned:
+            raise PositionError(
+                f"stages {planned[child]} and {placement.stage.name} would both get the "
+                f"module name {placement.module_name} (a stage's name with every character "
+                f"but letters, digits and _ made _)"
+            )
+        planned[child] = placement.stage.name
 
 
 def _new_node(graph: fx.Graph, placement: Placement, source: fx.Node, like: fx.Node) -> fx.Node:
@@ -90,13 +99,7 @@ def _replace(
     region = [by_name[name] for name in stage.nodes]
     inside = set(region)
     # The stage's input now may be an earlier ULSAM's output: read it from the graph.
-    sources = {
-        parent
-        for node in region
-        for parent in node.all_input_nodes
-        if parent not in inside and parent.op != "get_attr"
-    }
-    (source,) = sources
+    (source,) = activation_inputs(region)
     output = by_name[stage.output_node]
     with graph.inserting_after(output):
         block = _new_node(graph, placement, source, output)

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from .block import ULSAM
-from .trace import Traced, node_shape, trace_model
+from .trace import TRAINING_FLAG, Traced, node_shape, trace_model
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -81,6 +81,20 @@ def find_stages(
     """
     traced = model if isinstance(model, Traced) else trace_model(model, input_size)
     return _StageFinder(traced).find()
+
+
+def activation_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """The nodes outside ``nodes`` whose values flow into them, but for parameters, buffers
+    and the model's train/eval flag: the activations a stage (or region) reads."""
+    inside = set(nodes)
+    return {
+        parent
+        for node in inside
+        for parent in node.all_input_nodes
+        if parent not in inside
+        and parent.op != "get_attr"
+        and not (parent.op == "call_module" and parent.target == TRAINING_FLAG)
+    }
 
 
 def is_anchor_conv(module: nn.Module) -> bool:
@@ -267,11 +281,16 @@ class _StageFinder:
         return True
 
     def _conv_modules(self, path: str) -> list[nn.Conv2d]:
-        return [
-            m
-            for n in self.region.get(path, [])
-            if n.op == "call_module" and isinstance(m := self._module(n), nn.Conv2d)
-        ]
+        return self._convs(self.region.get(path, []))
+
+    def _convs(self, nodes: Iterable[fx.Node]) -> list[nn.Conv2d]:
+        """The Conv2d modules the nodes call, those inside called leaves included."""
+        convs: list[nn.Conv2d] = []
+        for node in nodes:
+            module = self._module(node) if node.op == "call_module" else None
+            if module is not None:
+                convs += [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        return convs
 
     def _add_module_stage(self, path: str, found: list[tuple[int, Stage]]) -> None:
         nodes = self.region.get(path, [])
@@ -323,12 +342,7 @@ class _StageFinder:
         self, name: str, nodes: list[fx.Node], modules: tuple[str, ...]
     ) -> Stage | None:
         inside = set(nodes)
-        inputs = {
-            parent
-            for node in nodes
-            for parent in node.all_input_nodes
-            if parent not in inside and parent.op != "get_attr"
-        }
+        inputs = activation_inputs(nodes)
         outputs = [n for n in nodes if any(user not in inside for user in n.users)]
         if len(inputs) != 1 or len(outputs) != 1:
             return None
@@ -337,8 +351,13 @@ class _StageFinder:
         in_shape, out_shape = node_shape(source), node_shape(sink)
         if in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4:
             return None
+        # The convs' own strides, or the shapes where something else downsamples (a pool);
+        # shapes alone would miss a stride at a 1x1 map.
         stride = max(
-            round(in_shape[2] / max(out_shape[2], 1)), round(in_shape[3] / max(out_shape[3], 1)), 1
+            round(in_shape[2] / max(out_shape[2], 1)),
+            round(in_shape[3] / max(out_shape[3], 1)),
+            *(max(c.stride) for c in self._convs(nodes)),
+            1,
         )
         return Stage(
             index=-1,
@@ -350,7 +369,7 @@ class _StageFinder:
             height=out_shape[2],
             width=out_shape[3],
             residual=self._has_residual(nodes, source),
-            replaceable=in_shape == out_shape,
+            replaceable=in_shape == out_shape and stride == 1,
             input_node=source.name,
             output_node=sink.name,
             nodes=tuple(n.name for n in nodes),
@@ -358,11 +377,7 @@ class _StageFinder:
         )
 
     def _kind(self, nodes: list[fx.Node]) -> str:
-        convs = [
-            m
-            for n in nodes
-            if n.op == "call_module" and isinstance(m := self._module(n), nn.Conv2d)
-        ]
+        convs = self._convs(nodes)
         ops = {str(n.target) for n in nodes if n.op == "call_method"}
         ops |= {getattr(n.target, "__name__", "") for n in nodes if n.op == "call_function"}
         if "transpose" in ops and {"cat", "chunk"} & ops:

@@ -28,8 +28,29 @@ from .block import ULSAM
 from .errors import InputSizeError, ShapeError, TraceError
 
 MAX_LEAF_RETRIES = 400
-LEAVES_META = "ulsam_inject.leaves"
-"""Key of ``GraphModule.meta`` that keeps the leaves of a traced (and retrofitted) model."""
+STRUCTURE = "_ulsam_inject_structure"
+"""Where a traced (or retrofitted) GraphModule keeps its structure: the untraceable leaves
+(in the output node's ``meta``) and each node's scope (``node.meta["scope"]``).
+
+``copy.deepcopy`` keeps ``node.meta``. Pickling does not: a GraphModule is pickled as code
+and traced again when loaded. So the structure is also kept in a plain attribute of this
+name, which is pickled (and kept by deepcopy), and tracing the code again restores
+``node.meta`` from it.
+"""
+TRAINING_FLAG = "ulsam_training_flag"
+"""The root submodule (a :class:`TrainingFlag`) that reads the model's train/eval mode."""
+
+
+class TrainingFlag(nn.Module):
+    """Returns its own ``training`` flag, which ``model.train()`` / ``.eval()`` set.
+
+    A graph reads the mode through a call to this module rather than through an attribute:
+    a call survives tracing the generated code again (as unpickling does), where an
+    attribute read would be frozen to the value it had then.
+    """
+
+    def forward(self) -> bool:
+        return self.training
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,10 @@ class _ScopeTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # Conv2d subclasses (timm's Conv2dSame, StdConv2d, a user's own) stay one call, like
         # nn.Conv2d itself: stage discovery finds depthwise/pointwise convs as modules.
-        if isinstance(m, (ULSAM, nn.Conv2d)) or module_qualified_name in self.extra_leaves:
+        if (
+            isinstance(m, (ULSAM, nn.Conv2d, TrainingFlag))
+            or module_qualified_name in self.extra_leaves
+        ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -135,6 +159,13 @@ class _ScopeTracer(fx.Tracer):
             prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
             scope = [p for p in scope if p not in prefixes] + prefixes
         node.meta["scope"] = tuple(scope)
+        recorded = self.root.__dict__.get(STRUCTURE)
+        if isinstance(recorded, dict) and node.name in recorded["scopes"]:
+            # Tracing the code of a GraphModule made here (unpickling does): restore what
+            # its code cannot say, the scopes of the nodes inside modules and the leaves.
+            node.meta["scope"] = tuple(recorded["scopes"][node.name])
+            if node.op == "output":
+                node.meta[STRUCTURE] = dict(recorded["leaves"])
         return node
 
 
@@ -169,16 +200,16 @@ def trace_model(
     """
     check_input_size(input_size)
     size = (input_size[0], input_size[1], input_size[2])
-    if isinstance(model, fx.GraphModule) and all(
-        "scope" in n.meta for n in model.graph.nodes if n.op.startswith("call_")
-    ):
-        # Made by trace_model (a retrofitted model, say): its graph records the scopes of
+    recorded = _recorded_leaves(model)
+    if recorded is not None:
+        # Made by trace_model (a retrofitted model, say): its graph records the scope of
         # every node, which tracing its flattened code again would lose for all but the
         # module calls. Use a copy of that graph.
-        graph_module = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-        leaves = dict(model.meta.get(LEAVES_META, {}))
-        return _finish(model, graph_module, size, leaves, propagate)
-    leaves = {}
+        assert isinstance(model, fx.GraphModule)
+        graph = copy.deepcopy(model.graph)
+        graph_module = fx.GraphModule(model, graph, type(model).__name__)
+        return _finish(model, graph_module, size, recorded, propagate)
+    leaves: dict[str, str] = {}
     for _ in range(MAX_LEAF_RETRIES):
         eval_graph, tracer = _trace_in_mode(model, leaves, training=False)
         train_graph, _ = _trace_in_mode(model, leaves, training=True)
@@ -200,11 +231,51 @@ def _finish(
     propagate: bool,
 ) -> Traced:
     _copy_unreferenced_state(model, graph_module)
+    _call_training_flag(graph_module)
     # Only the root's flag: the submodules are the model's own, with their own flags.
     graph_module.training = model.training
-    graph_module.meta[LEAVES_META] = dict(leaves)
+    record_structure(graph_module, leaves)
     method = propagate_shapes(graph_module, size) if propagate else "none"
     return Traced(graph_module, size, leaves, method, root=model)
+
+
+def record_structure(graph_module: fx.GraphModule, leaves: dict[str, str]) -> None:
+    """Mark ``graph_module`` as traced here, with ``leaves``; keep its scopes for pickling."""
+    graph_module.graph.output_node().meta[STRUCTURE] = dict(leaves)
+    scopes = {node.name: tuple(node.meta.get("scope", ())) for node in graph_module.graph.nodes}
+    record = {"leaves": dict(leaves), "scopes": scopes}
+    setattr(graph_module, STRUCTURE, record)
+    # copy.deepcopy drops attributes the graph does not use, but sets again those listed
+    # under this meta key (where this torch has it).
+    key = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
+    if key is not None:
+        graph_module.meta.setdefault(key, {})[STRUCTURE] = record
+
+
+def _recorded_leaves(model: nn.Module) -> dict[str, str] | None:
+    """The leaves of a GraphModule made by :func:`trace_model`; None for any other module."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    outputs = [node for node in model.graph.nodes if node.op == "output"]
+    leaves = outputs[0].meta.get(STRUCTURE) if outputs else None
+    return dict(leaves) if isinstance(leaves, dict) else None
+
+
+def _call_training_flag(graph_module: fx.GraphModule) -> None:
+    """Turn the graph's read of ``self.training`` into a call of a :class:`TrainingFlag`."""
+    reads = [n for n in graph_module.graph.nodes if n.op == "get_attr" and n.target == "training"]
+    if not reads:
+        return
+    graph_module.add_submodule(TRAINING_FLAG, TrainingFlag())
+    graph = graph_module.graph
+    for read in reads:
+        # A new node, named after its target as tracing the code again would name it.
+        with graph.inserting_before(read):
+            call = graph.call_module(TRAINING_FLAG)
+        call.meta["scope"] = ()
+        read.replace_all_uses_with(call)
+        graph.erase_node(read)
+    graph_module.recompile()
 
 
 def _trace_in_mode(
