@@ -48,7 +48,9 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_report_fields_and_ratio() -> None:
     before, after = tiny_pair()
-    report = measure_latency(before, after, SIZE, batch=2, warmup=1, repeats=5, threads=1)
+    report = measure_latency(
+        before, after, SIZE, batch=2, warmup=1, repeats=5, threads=1, device="cpu"
+    )
     assert isinstance(report, LatencyReport)
     assert (report.device, report.threads, report.batch, report.input_size) == ("cpu", 1, 2, SIZE)
     for timing in (report.before, report.after):
@@ -56,6 +58,7 @@ def test_report_fields_and_ratio() -> None:
         assert 0 < timing.p10_ms <= timing.median_ms <= timing.p90_ms
     assert report.ratio == report.after.median_ms / report.before.median_ms
     document = json.loads(json.dumps(report.to_dict()))
+    assert document["schema"] == "ulsam-inject.bench/1"
     assert document["ratio"] == pytest.approx(report.ratio)
     assert document["input_size"] == list(SIZE)
     assert set(document["before"]) == {"median_ms", "p10_ms", "p90_ms", "samples"}
@@ -164,6 +167,12 @@ def test_bad_input_size() -> None:
     before, after = tiny_pair()
     with pytest.raises(InputSizeError):
         measure_latency(before, after, (3, 32), repeats=1)  # type: ignore[arg-type]
+
+
+def test_auto_device_is_cuda_where_available() -> None:
+    before, after = tiny_pair()
+    report = measure_latency(before, after, SIZE, warmup=0, repeats=1)
+    assert report.device.split(" ")[0] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -96,6 +96,7 @@ def test_stages_json_lists_the_stages_of_mobilenet_v2(tmp_path: Path) -> None:
     assert by_name["features.14"]["stride"] == 2
     assert not by_name["features.14"]["replaceable"]
     assert document["input_size"] == [3, 64, 64]
+    assert document["schema"] == "ulsam-inject.stages/1"
     assert document["leaves"] == {}
     assert snapshot(tmp_path) == {}
 
@@ -135,6 +136,7 @@ def test_count_json_matches_torchvision(tmp_path: Path) -> None:
     for key in ("params", "macs", "flops", "other_ops", "bytes_read", "bytes_written"):
         assert type(document[key]) is int and document[key] > 0, key
     assert document["flops"] == 2 * document["macs"]
+    assert document["schema"] == "ulsam-inject.count/1" and document["leaves"] == {}
     assert document["input_size"] == [3, 64, 64]
     assert len(document["stages"]) == 17
 
@@ -311,7 +313,7 @@ def test_bench_json(ws: Path, tmp_path: Path) -> None:
     assert result.code == 0, result.stderr
     assert result.stderr == ""  # the progress bar only shows on a terminal
     document = result.json()
-    assert document["model"] == TINY_SPEC
+    assert document["model"] == TINY_SPEC and document["schema"] == "ulsam-inject.bench/1"
     assert document["plan"] == [{"at": "features.2", "groups": 4, "mode": "after"}]
     assert document["threads"] == 1 and document["batch"] == 1
     for side in ("before", "after"):

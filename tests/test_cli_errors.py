@@ -374,7 +374,7 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(ws: Path, tmp_path: P
 
 
 def test_pretrained_without_network_fails_in_one_line(tmp_path: Path) -> None:
-    # This machine has no network: the fetch fails, in one line, with exit code 2. The
+    # This machine has no network: the fetch fails, in one line, with exit code 1. The
     # weights cache points into tmp_path so that nothing lands in the user's cache; a
     # network that hangs instead of refusing makes the test skip rather than wait.
     env = subprocess_env(TORCH_HOME=str(tmp_path / "torch-home"))
@@ -393,6 +393,6 @@ def test_pretrained_without_network_fails_in_one_line(tmp_path: Path) -> None:
         pytest.skip("fetching pretrained weights neither failed nor finished within 60 s")
     if result.code == 0:
         pytest.skip("this machine reached the network and fetched the weights")
-    assert_one_line_error(result, 2, "pretrained", "torchvision:mobilenet_v2", "--checkpoint")
+    assert_one_line_error(result, 1, "pretrained", "torchvision:mobilenet_v2", "--checkpoint")
     cached = [p for p in (tmp_path / "torch-home").rglob("*") if p.is_file()]
     assert cached == []  # no partial download left behind

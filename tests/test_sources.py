@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.message
 import io
+import logging
+import socket
 import sys
 import textwrap
 import uuid
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ulsam_inject.errors import (
-    CheckpointError,
+    FetchError,
     InputSizeError,
     MissingDependencyError,
     ModelSpecError,
@@ -294,7 +296,7 @@ def test_failed_torchvision_download_leaves_no_partial_file(
     # ends a body whose hash is wrong; the cache in tmp_path must stay empty.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: _Response(b"\x00" * 5000, fail))
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(FetchError) as caught:
         build_model("torchvision:mobilenet_v2", pretrained=True)
     message = str(caught.value)
     assert "pretrained weights of torchvision:mobilenet_v2 could not be fetched" in message
@@ -302,7 +304,7 @@ def test_failed_torchvision_download_leaves_no_partial_file(
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_failed_timm_download_is_a_checkpoint_error(
+def test_failed_timm_download_is_a_fetch_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("timm")
@@ -312,8 +314,35 @@ def test_failed_timm_download_is_a_checkpoint_error(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(CheckpointError, match=r"could not be fetched.*--checkpoint FILE"):
+    with pytest.raises(FetchError, match=r"could not be fetched.*--checkpoint FILE"):
         build_model("timm:mobilenetv3_small_050", pretrained=True)
+
+
+def test_unreachable_hub_fails_at_once_and_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No retries for a minute: an unreachable Hub means its cache only, for this call."""
+    pytest.importorskip("timm")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    probed: list[tuple[str, int]] = []
+
+    def refuse(address: tuple[str, int], timeout: float) -> None:
+        probed.append(address)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    with pytest.raises(FetchError, match=r"Hub is unreachable, and its local cache has no copy"):
+        build_model("timm:mobilenetv3_small_050", pretrained=True)
+    assert len(probed) == 1  # one probe, no retries
+    assert constants.HF_HUB_OFFLINE is False and logger.level == level  # restored
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
 
 
 # --- default_input_size ------------------------------------------------------------------

@@ -188,7 +188,20 @@ def test_malformed_input_size_is_a_usage_error(size):
     assert isinstance(info.value, ValueError)
 
 
-def test_too_small_input_is_a_shape_error_with_a_hint():
+def test_input_sizes_the_model_cannot_take_are_input_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 7), nn.ReLU())
-    with pytest.raises(ShapeError, match=r"1x3x4x4.*too small"):
+    with pytest.raises(InputSizeError, match=r"1x3x4x4.*too small"):
         trace_model(model, (3, 4, 4))
+    with pytest.raises(
+        InputSizeError, match=r"first convolution takes 3 channels, the input size gives 1"
+    ):
+        trace_model(model, (1, 64, 64))
+
+
+def test_a_model_that_fails_at_a_plausible_size_is_a_shape_error():
+    class Picky(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(1, 3, 100, 100)  # only one input size works
+
+    with pytest.raises(ShapeError, match=r"could not run the traced model on a 1x3x64x64"):
+        trace_model(Picky(), (3, 64, 64))

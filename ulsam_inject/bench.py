@@ -21,6 +21,7 @@ from torch import nn
 from .errors import UlsamUsageError
 from .trace import check_input_size
 
+SCHEMA = "ulsam-inject.bench/1"
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each timed pair; the CLI draws a bar with it."""
 
@@ -51,7 +52,8 @@ class LatencyReport:
         return self.after.median_ms / self.before.median_ms
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """JSON-ready: ``schema`` ("ulsam-inject.bench/1"), the fields, and ``ratio``."""
+        data = {"schema": SCHEMA, **asdict(self)}
         data["input_size"] = list(self.input_size)
         data["ratio"] = self.ratio
         return data
@@ -85,7 +87,7 @@ def measure_latency(
     input_size: tuple[int, int, int] = (3, 224, 224),
     *,
     batch: int = 1,
-    device: str = "cpu",
+    device: str = "auto",
     threads: int | None = None,
     warmup: int = 5,
     repeats: int = 30,
@@ -93,8 +95,10 @@ def measure_latency(
 ) -> LatencyReport:
     """Time ``before`` and ``after`` in eval mode, no grad, interleaved; returns medians.
 
-    The models are moved to ``device`` as copies only if they are not there already: the
-    caller's models are put in eval mode for the measurement and restored afterwards.
+    ``device`` is ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``; ``threads`` sets torch's CPU threads for the measurement. The models are
+    moved to ``device`` as copies only if they are not there already: the caller's models
+    are put in eval mode for the measurement and restored afterwards.
 
     Example:
         >>> import torchvision
@@ -112,11 +116,13 @@ def measure_latency(
         )
     check_input_size(input_size)
     input_size = (int(input_size[0]), int(input_size[1]), int(input_size[2]))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
         raise UlsamUsageError(
-            f"device {device!r} is not one torch knows: cpu, cuda, cuda:N"
+            f"device {device!r} is not one torch knows: auto, cpu, cuda, cuda:N"
         ) from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise UlsamUsageError(f"device {device!r} asked for, but CUDA is not available here")

@@ -65,6 +65,10 @@ class ArtifactError(UlsamUsageError):
     """A retrofitted-model file is not one this library wrote, or its recipe is invalid."""
 
 
+class FetchError(UlsamError):
+    """Pretrained weights could not be fetched from the network or read from the zoo's cache."""
+
+
 class TraceError(UlsamError):
     """The model could not be traced, even with untraceable submodules made leaves."""
 

@@ -17,7 +17,8 @@ JSON schema ``ulsam-inject.report/1`` (integers unless noted)::
     }
 
 A block's numbers are its own deltas: for ``after``, ULSAM's cost; for ``replace``,
-ULSAM's cost minus the removed stage's.
+ULSAM's cost minus the removed stage's. ``ulsam-inject inject --json`` adds ``"dry_run"``
+(bool) and ``"written"`` (the paths it wrote).
 """
 
 from __future__ import annotations

@@ -29,11 +29,13 @@ from torch import nn
 
 from .errors import (
     CheckpointError,
+    FetchError,
     InputSizeError,
     MissingDependencyError,
     ModelSpecError,
     UlsamError,
 )
+from .hub import hub_fetch
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
@@ -367,14 +369,16 @@ def _build_timm(spec: ModelSpec, kwargs: dict[str, Any], pretrained: bool) -> An
         return _call_factory(
             lambda **kw: timm.create_model(spec.name, pretrained=False, **kw), kwargs, spec
         )
-    try:
-        return timm.create_model(spec.name, pretrained=True, **kwargs)
-    except (TypeError, ValueError) as error:
-        raise _kwargs_error(spec, kwargs, error) from error
-    except (OSError, RuntimeError) as error:
-        # OSError covers urllib, requests and huggingface_hub failures; RuntimeError a
-        # corrupt download or weights that do not fit the kwargs-shaped model.
-        raise _fetch_error(spec, error) from error
+    with hub_fetch() as unreachable:
+        try:
+            return timm.create_model(spec.name, pretrained=True, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise _kwargs_error(spec, kwargs, error) from error
+        except (OSError, RuntimeError) as error:
+            # OSError covers urllib, requests and huggingface_hub failures; RuntimeError a
+            # corrupt download or weights that do not fit the kwargs-shaped model.
+            why = "the Hugging Face Hub is unreachable, and its local cache" if unreachable else ""
+            raise _fetch_error(spec, error, why) from error
 
 
 def _timm_input_size(spec: ModelSpec) -> tuple[int, int, int]:
@@ -487,9 +491,10 @@ def _kwargs_error(spec: ModelSpec, kwargs: Mapping[str, Any], error: Exception) 
     )
 
 
-def _fetch_error(spec: ModelSpec, error: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"the pretrained weights of {spec.spec} could not be fetched or read "
+def _fetch_error(spec: ModelSpec, error: Exception, where: str = "") -> FetchError:
+    source = f" ({where} has no copy)" if where else ""
+    return FetchError(
+        f"the pretrained weights of {spec.spec} could not be fetched or read{source} "
         f"({type(error).__name__}: {_first_line(error)}); download them elsewhere and pass "
         f"--checkpoint FILE"
     )

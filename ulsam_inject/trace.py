@@ -462,12 +462,28 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
                 return method
             except Exception as error:
                 errors.append(f"{method}: {_one_line(error)}")
-    small = min(input_size[1:])
-    hint = f"; is {input_size[1]}x{input_size[2]} too small?" if small < 64 else ""
-    raise ShapeError(
+    message = (
         f"could not run the traced model on a 1x{'x'.join(map(str, input_size))} input "
-        f"({errors[-1]}){hint}"
+        f"({errors[-1]})"
     )
+    # Where the input size is the likely cause, it is the user's input: say so.
+    first_conv = next(
+        (
+            m
+            for n in graph_module.graph.nodes
+            if n.op == "call_module"
+            and isinstance(m := graph_module.get_submodule(str(n.target)), nn.Conv2d)
+        ),
+        None,
+    )
+    if first_conv is not None and first_conv.in_channels != input_size[0]:
+        raise InputSizeError(
+            f"{message}; the model's first convolution takes {first_conv.in_channels} "
+            f"channels, the input size gives {input_size[0]}"
+        )
+    if min(input_size[1:]) < 64:
+        raise InputSizeError(f"{message}; is {input_size[1]}x{input_size[2]} too small?")
+    raise ShapeError(message)
 
 
 def _example_input(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> torch.Tensor:

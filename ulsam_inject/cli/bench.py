@@ -40,7 +40,9 @@ def bench(
     threads: int | None = typer.Option(
         None, "--threads", "-t", min=1, help="CPU threads (default: torch's)."
     ),
-    device: str = typer.Option("cpu", "--device", "-d", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option(
+        "auto", "--device", "-d", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N."
+    ),
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs of each model first."),
     repeats: int = typer.Option(30, "--repeats", "-r", min=1, help="Timed runs of each model."),
     json_output: bool = JsonOption,
@@ -71,6 +73,7 @@ def bench(
         groups=groups_value,
         mode=mode_value,
         input_size=loaded.input_size,
+        report=False,
     )
     columns = (
         TextColumn("timing"),
@@ -94,7 +97,15 @@ def bench(
             progress=lambda done, total: bar.update(task, completed=done),
         )
     if json_output:
-        print_json({"model": loaded.source, "plan": result.plan.to_list(), **report.to_dict()})
+        data = report.to_dict()
+        print_json(
+            {
+                "schema": data.pop("schema"),
+                "model": loaded.source,
+                "plan": result.plan.to_list(),
+                **data,
+            }
+        )
         return
     console.print(render_latency(report, loaded.source or model))
 

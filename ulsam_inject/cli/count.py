@@ -26,6 +26,8 @@ from .common import (
     progress,
 )
 
+SCHEMA = "ulsam-inject.count/1"
+
 
 def count(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -52,6 +54,7 @@ def count(
     if json_output:
         print_json(
             {
+                "schema": SCHEMA,
                 "model": loaded.source,
                 "input_size": list(loaded.input_size),
                 "params": cost.params,
@@ -63,6 +66,7 @@ def count(
                 "bytes_read": cost.bytes_read,
                 "bytes_written": cost.bytes_written,
                 "uncounted": list(cost.uncounted),
+                "leaves": dict(traced.leaves),
                 "stages": [
                     {
                         "index": stage.index,

@@ -24,6 +24,8 @@ from .common import (
     progress,
 )
 
+SCHEMA = "ulsam-inject.stages/1"
+
 
 def stages(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -49,6 +51,7 @@ def stages(
     if json_output:
         print_json(
             {
+                "schema": SCHEMA,
                 "model": loaded.source,
                 "input_size": list(loaded.input_size),
                 "stages": [stage.to_dict() for stage in found],
