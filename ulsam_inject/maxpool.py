@@ -46,13 +46,10 @@ def max3x3_into(f: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch
     flat, dst = src.view(-1), out.view(-1)
     torch.maximum(flat[: -2 * w], flat[w:-w], out=dst[w:-w])
     torch.maximum(dst[w:-w], flat[2 * w :], out=dst[w:-w])
-    # Rows 0 and H-1 likewise.
-    planes, at = (n, 2, w), src.storage_offset()
-    torch.maximum(
-        src.as_strided(planes, (h * w, (h - 2) * w, 1), at),
-        src.as_strided(planes, (h * w, (h - 2) * w, 1), at + w),
-        out=out.as_strided(planes, (h * w, (h - 1) * w, 1), out.storage_offset()),
-    )
+    # Rows 0 and H-1 likewise, one op each: runs of W contiguous elements (one op over
+    # both rows, as for the columns, measured up to 2x slower here).
+    torch.maximum(src[:, 0], src[:, 1], out=out[:, 0])
+    torch.maximum(src[:, h - 2], src[:, h - 1], out=out[:, h - 1])
     return out
 
 
