@@ -1,4 +1,4 @@
-"""node_latency: per-node seconds of a graph module, for shares of the run time."""
+"""node_latencies: per-node seconds of a graph module, for shares of the run time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from ulsam_inject import ULSAM
 from ulsam_inject.errors import UlsamUsageError
-from ulsam_inject.profile import node_latencies, node_latency, share
+from ulsam_inject.profile import node_latencies
 
 SIZE = (3, 16, 16)
 
@@ -56,7 +56,7 @@ def traced() -> fx.GraphModule:
 
 def test_every_node_gets_a_time() -> None:
     graph_module = traced()
-    seconds = node_latency(graph_module, SIZE, repeats=3)
+    (seconds,) = node_latencies([graph_module], SIZE, repeats=3)
     assert list(seconds) == [n.name for n in graph_module.graph.nodes]
     assert all(v >= 0 for v in seconds.values())
     assert seconds["conv"] > 0 and seconds["attend"] > 0
@@ -65,7 +65,7 @@ def test_every_node_gets_a_time() -> None:
 @pytest.mark.parametrize(("warmup", "repeats"), [(0, 1), (2, 3)])
 def test_warmup_and_repeats_run_the_graph(warmup: int, repeats: int) -> None:
     graph_module = traced()
-    node_latency(graph_module, SIZE, repeats=repeats, warmup=warmup)
+    node_latencies([graph_module], SIZE, repeats=repeats, warmup=warmup)
     counter = graph_module.get_submodule("counter")
     assert counter.calls == warmup + repeats
     assert counter.modes == [False] * (warmup + repeats)  # eval mode
@@ -77,7 +77,7 @@ def test_batch_is_configurable() -> None:
     graph_module.get_submodule("counter").register_forward_hook(
         lambda m, i, o: shapes.append(tuple(i[0].shape))
     )
-    node_latency(graph_module, SIZE, batch=3, repeats=1, warmup=0)
+    node_latencies([graph_module], SIZE, batch=3, repeats=1, warmup=0)
     assert shapes == [(3, 8, 16, 16)]
 
 
@@ -85,7 +85,7 @@ def test_models_and_random_state_are_not_changed() -> None:
     graph_module = traced().train()
     state = {k: v.clone() for k, v in graph_module.state_dict().items()}
     rng = torch.get_rng_state()
-    node_latency(graph_module, SIZE, repeats=2)
+    node_latencies([graph_module], SIZE, repeats=2)
     assert all(m.training for m in graph_module.modules())
     for key, value in graph_module.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -106,7 +106,7 @@ def test_several_modules_are_interleaved() -> None:
 
 @pytest.mark.parametrize("statistic", ["median", "min"])
 def test_statistics(statistic: str) -> None:
-    seconds = node_latency(traced(), SIZE, repeats=3, statistic=statistic)  # type: ignore[arg-type]
+    (seconds,) = node_latencies([traced()], SIZE, repeats=3, statistic=statistic)  # type: ignore[arg-type]
     assert seconds["attend"] > 0
 
 
@@ -116,11 +116,4 @@ def test_statistics(statistic: str) -> None:
 )
 def test_bad_arguments(kwargs: dict[str, object]) -> None:
     with pytest.raises(UlsamUsageError):
-        node_latency(traced(), SIZE, **kwargs)  # type: ignore[arg-type]
-
-
-def test_share_of_groups() -> None:
-    seconds = {"a": 1.0, "b": 3.0, "c": 4.0}
-    shares = share(seconds, [("first", ["a", "b"]), ("last", ["c"]), ("none", ["zz"])])
-    assert shares == {"first": 0.5, "last": 0.5, "none": 0.0}
-    assert share({}, [("x", ["a"])]) == {"x": 0.0}
+        node_latencies([traced()], SIZE, **kwargs)  # type: ignore[arg-type]

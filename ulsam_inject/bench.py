@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import UlsamUsageError
-from .trace import check_input_size
+from .trace import check_input_size, eval_mode
 
 SCHEMA = "ulsam-inject.bench/1"
 ProgressCallback = Callable[[int, int], None]
@@ -128,15 +128,13 @@ def measure_latency(
         raise UlsamUsageError(f"device {device!r} asked for, but CUDA is not available here")
     if target.type not in ("cpu", "cuda"):
         raise UlsamUsageError(f"device {device!r}: only cpu and cuda are supported")
-    models = [before, after]
-    flags = [[(m, m.training) for m in model.modules()] for model in models]
     dtype = next((p.dtype for p in before.parameters() if p.is_floating_point()), torch.float32)
     # A seeded generator of our own: the same input every call, the caller's RNG untouched.
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(batch, *input_size, generator=generator, dtype=dtype).to(target)
     samples: list[list[float]] = [[], []]
-    try:
-        runnable = [_on_device(m, target).eval() for m in models]
+    with eval_mode(before), eval_mode(after):
+        runnable = [_on_device(m, target) for m in (before, after)]
         with _threads(threads) as used, torch.inference_mode():
             for _ in range(warmup):
                 for model in runnable:
@@ -147,10 +145,6 @@ def measure_latency(
                     samples[which].append(_time_once(runnable[which], example, target))
                 if progress is not None:
                     progress(i + 1, repeats)
-    finally:
-        for saved in flags:
-            for module, flag in saved:
-                module.training = flag
     return LatencyReport(
         device=_device_name(target),
         threads=used,

@@ -33,9 +33,8 @@ in :attr:`Cost.uncounted`.
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -49,12 +48,21 @@ from . import cost_rules
 from .block import ULSAM
 from .cost_rules import NoRule, moves_data, nbytes, tensors
 from .errors import InputSizeError, UlsamUsageError
-from .trace import Traced, check_input_size, eval_mode, propagate_shapes, trace_model
+from .stages import Stage
+from .trace import (
+    MAX_LEAF_RETRIES,
+    ScopeTracer,
+    ShapeRecorder,
+    Traced,
+    check_input_size,
+    eval_mode,
+    propagate_shapes,
+    trace_model,
+)
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 MAX_OPEN_DEPTH = 4
 """How deep leaves inside opened leaves are opened in turn."""
-MAX_LEAF_RETRIES = 50
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,20 @@ class Cost:
                 )
             chosen.append(index[name])
         return _sum(chosen)
+
+    def for_stages(self, stages: Iterable[Stage]) -> dict[str, Totals]:
+        """Each stage's costs (its nodes' sums), by stage name, in the order given.
+
+        Example:
+            >>> import torchvision
+            >>> from ulsam_inject.stages import find_stages
+            >>> from ulsam_inject.trace import trace_model
+            >>> traced = trace_model(torchvision.models.mobilenet_v2())
+            >>> per_stage = count(traced).for_stages(find_stages(traced))
+            >>> per_stage["features.13"].macs
+            22692096
+        """
+        return {stage.name: self.for_nodes(stage.nodes) for stage in stages}
 
     def for_module(self, path: str) -> Totals:
         """Sum the costs of the nodes that a submodule's code made (it and its children).
@@ -442,43 +464,6 @@ def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
 # -- opening opaque leaves ---------------------------------------------------------------
 
 
-class _LeafTracer(fx.Tracer):
-    """Traces one leaf module in eval mode; ULSAM and torch.nn modules stay leaves."""
-
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__(autowrap_modules=(math,))
-        self.extra_leaves = leaves
-        self.failed_path: str | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, ULSAM) or module_qualified_name in self.extra_leaves:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(
-        self,
-        m: nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            path = self.path_of_module(m)
-            # The innermost traced submodule sees the error first: that one becomes a leaf.
-            if self.failed_path is None and not self.is_leaf_module(m, path):
-                self.failed_path = path
-            raise
-
-
-class _MetaRecorder(fx.Interpreter):
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        n.meta["value"] = result
-        return result
-
-
 def _open_module(
     module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], depth: int
 ) -> tuple[int, int, tuple[str, ...], tuple[str, ...]] | None:
@@ -506,7 +491,7 @@ def _open_module(
             return None
         graph_module = fx.GraphModule(module, graph)
         try:
-            _MetaRecorder(graph_module).run(*bound.arguments.values())
+            ShapeRecorder(graph_module).run(*bound.arguments.values())
         except Exception:
             return None
     priced = list(_price_graph(graph_module, depth))
@@ -524,7 +509,7 @@ def _trace_leaf(
     """Trace symbolically (failing submodules made leaves), else with concrete shapes."""
     leaves: set[str] = set()
     for _ in range(MAX_LEAF_RETRIES):
-        tracer = _LeafTracer(leaves)
+        tracer = ScopeTracer(leaves)
         try:
             return tracer.trace(module, concrete_args=concrete)
         except Exception:

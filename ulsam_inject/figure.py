@@ -17,8 +17,7 @@ from .errors import MissingDependencyError, OutputError
 from .fileio import atomic_write, check_output_path
 from .inject import Retrofit
 from .profile import node_latencies
-from .stages import find_stages
-from .trace import Traced, propagate_shapes, trace_model
+from .trace import Traced, trace_model
 
 FORMATS = (".png", ".svg")
 
@@ -39,24 +38,28 @@ def stage_breakdown(
     where medians of single nodes are not).
     """
     size = retrofit.input_size
-    before = trace_model(original, size)
+    stages = retrofit.stages
     # The rewritten graph keeps the original trace's node names: use it as it is.
-    after = Traced(retrofit.model, size, dict(retrofit.leaves), root=retrofit.model)
-    propagate_shapes(after.graph_module, size)
-    stages = find_stages(before)
-    cost_before, cost_after = count(before), count(after)
+    after = retrofit.model
+    if retrofit.costs is not None:
+        cost_before, cost_after = retrofit.costs
+    else:  # injected with report=False
+        cost_before = count(original, size)
+        cost_after = count(Traced(after, size, dict(retrofit.leaves), root=after))
     placed = {p.stage.name: p for p in retrofit.plan.placements}
     block_node = {
         p.module_name: n.name
-        for n in after.graph_module.graph.nodes
+        for n in after.graph.nodes
         for p in retrofit.plan.placements
         if n.op == "call_module" and n.target == p.module_name
     }
     seconds_before: dict[str, float] = {}
     seconds_after: dict[str, float] = {}
     if latency:
+        # Per-node timing needs the original as a graph: the one traced graph made again.
+        before = trace_model(original, size, propagate=False).graph_module
         seconds_before, seconds_after = node_latencies(
-            [before.graph_module, after.graph_module], size, repeats=repeats, statistic="min"
+            [before, after], size, repeats=repeats, statistic="min"
         )
     total_before = sum(seconds_before.values()) or 1.0
     total_after = sum(seconds_after.values()) or 1.0

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from .cost import count
+from .cost import Cost, count
 from .plan import DEFAULT_GROUPS, Mode, Plan, make_plan
 from .positions import PositionSpec
 from .report import Report, build_report
@@ -25,7 +25,9 @@ class Retrofit:
 
     ``model`` is a ``torch.fx.GraphModule`` with a :class:`ulsam_inject.ULSAM` at each
     placement; ``stages`` are the original model's stages; ``source`` is the model spec
-    when the model was given as one (needed to save a rebuildable artifact).
+    when the model was given as one (needed to save a rebuildable artifact). With a report,
+    ``costs`` holds the original's and the retrofitted model's :class:`~ulsam_inject.Cost`
+    (per node: ``costs[0].for_nodes(stage.nodes)`` is a stage's).
     """
 
     model: fx.GraphModule
@@ -36,6 +38,7 @@ class Retrofit:
     source: str | None = None
     source_kwargs: Mapping[str, Any] | None = None
     report: Report | None = None
+    costs: tuple[Cost, Cost] | None = None
 
     def with_source(self, source: str | None, kwargs: Mapping[str, Any] | None = None) -> Retrofit:
         """The same retrofit, recorded as made from the model spec ``source``."""
@@ -106,15 +109,19 @@ def inject(
         if p.mode == "replace"
     }
     graph_module = rewrite(traced, plan)
-    costs = None
+    summary = costs = None
     if before is not None:
         block_params = {
             p.module_name: _params_of(graph_module, (p.module_name,)) for p in plan.placements
         }
-        costs = build_report(
+        after = count(
+            Traced(graph_module, traced.input_size, dict(traced.leaves), root=graph_module)
+        )
+        costs = (before, after)
+        summary = build_report(
             plan.placements,
             before,
-            count(Traced(graph_module, traced.input_size, dict(traced.leaves), root=graph_module)),
+            after,
             removed_params=removed,
             block_params=block_params,
             model=source,
@@ -128,7 +135,8 @@ def inject(
         leaves=dict(traced.leaves),
         source=source,
         source_kwargs=model_kwargs,
-        report=costs,
+        report=summary,
+        costs=costs,
     )
 
 

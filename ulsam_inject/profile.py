@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any, Literal
 
@@ -41,30 +41,6 @@ class _TimingInterpreter(fx.Interpreter):
         return result
 
 
-def node_latency(
-    graph_module: fx.GraphModule,
-    input_size: tuple[int, int, int],
-    *,
-    batch: int = 1,
-    repeats: int = 7,
-    warmup: int = 2,
-    statistic: Statistic = "median",
-) -> dict[str, float]:
-    """Seconds per node: the median (or minimum) over ``repeats`` runs after ``warmup`` runs.
-
-    Eval mode (flags restored), no grad. The first run or two of a model are much slower
-    (kernels are chosen and memory allocated on first use), hence the warm-up.
-    """
-    return node_latencies(
-        [graph_module],
-        input_size,
-        batch=batch,
-        repeats=repeats,
-        warmup=warmup,
-        statistic=statistic,
-    )[0]
-
-
 def node_latencies(
     graph_modules: Sequence[fx.GraphModule],
     input_size: tuple[int, int, int],
@@ -74,13 +50,16 @@ def node_latencies(
     warmup: int = 2,
     statistic: Statistic = "median",
 ) -> list[dict[str, float]]:
-    """:func:`node_latency` of several graph modules, their runs interleaved.
+    """Seconds per node of each graph module: the median (or minimum) over ``repeats`` runs
+    after ``warmup`` runs, the modules' runs interleaved.
 
-    Each round runs every module once, in an order that rotates from round to round, so
-    that load from elsewhere on the machine hits all of them alike; ``warmup`` untimed
-    rounds first. ``statistic="min"`` takes each node's fastest run: on a busy machine a
-    node's time is its own plus whatever the scheduler adds at random, and the minimum
-    is the steadier estimate of the former (for shares of the run time). All get the same
+    The first run or two of a model are much slower (kernels are chosen and memory
+    allocated on first use), hence ``warmup`` untimed rounds first. Each round runs every
+    module once, in an order that rotates from round to round, so that load from elsewhere
+    on the machine hits all of them alike. ``statistic="min"`` takes each node's fastest
+    run: on a busy machine a node's time is its own plus whatever the scheduler adds at
+    random, and the minimum is the steadier estimate of the former (for shares of the
+    run time). All get the same
     input (seeded; the caller's random state is untouched), on the device of their
     parameters, in eval mode (flags restored).
     """
@@ -118,11 +97,3 @@ def node_latencies(
         {name: reduce([run[name] for run in module_runs]) for name in module_runs[0]}
         for module_runs in runs
     ]
-
-
-def share(
-    seconds: dict[str, float], groups: Iterable[tuple[str, Iterable[str]]]
-) -> dict[str, float]:
-    """Fraction of the total time spent in each named group of nodes."""
-    total = sum(seconds.values()) or 1.0
-    return {label: sum(seconds.get(n, 0.0) for n in names) / total for label, names in groups}

@@ -76,7 +76,7 @@ class Traced:
         return None
 
 
-class _ScopeTracer(fx.Tracer):
+class ScopeTracer(fx.Tracer):
     """A tracer that records enclosing module paths and which module's code failed."""
 
     def __init__(self, leaves: set[str] | None = None) -> None:
@@ -280,7 +280,7 @@ def _call_training_flag(graph_module: fx.GraphModule) -> None:
 
 def _trace_in_mode(
     model: nn.Module, leaves: dict[str, str], *, training: bool
-) -> tuple[fx.Graph, _ScopeTracer]:
+) -> tuple[fx.Graph, ScopeTracer]:
     """Trace once in the given mode, adding untraceable submodules to ``leaves`` as needed."""
     flags = [(m, m.training) for m in model.modules()]
     # Traced code runs for real on tensors that are not proxies: a buffer read as an
@@ -290,7 +290,7 @@ def _trace_in_mode(
     model.train(training)
     try:
         for _ in range(MAX_LEAF_RETRIES):
-            tracer = _ScopeTracer(set(leaves))
+            tracer = ScopeTracer(set(leaves))
             try:
                 return tracer.trace(model), tracer
             except Exception as error:
@@ -316,13 +316,11 @@ def _signature(node: fx.Node) -> tuple[Any, ...]:
 
 def _mode_dependent_module(train: fx.Graph, eval_: fx.Graph) -> str | None:
     """The innermost submodule whose traced code differs between train and eval mode."""
-    train_nodes, eval_nodes = list(train.nodes), list(eval_.nodes)
-    for a, b in zip(train_nodes, eval_nodes):
+    # Both graphs end with their output node: graphs of different lengths differ at the
+    # shorter one's output node at the latest, so comparing pairs finds every difference.
+    for a, b in zip(train.nodes, eval_.nodes):
         if _signature(a) != _signature(b):
             return _deciding_module(a) or _deciding_module(b)
-    if len(train_nodes) != len(eval_nodes):
-        shorter, longer = sorted((train_nodes, eval_nodes), key=len)
-        return _deciding_module(longer[len(shorter) - 1])
     return None
 
 
@@ -438,7 +436,7 @@ def _to_meta(value: Any) -> Any:
     return tree_map(convert, value)
 
 
-class _Recorder(fx.Interpreter):
+class ShapeRecorder(fx.Interpreter):
     """Runs the graph and stores each node's output, as meta tensors, in ``node.meta``."""
 
     def run_node(self, n: fx.Node) -> Any:
@@ -503,7 +501,7 @@ def _run_meta(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) ->
     )
     example = _example_input(graph_module, input_size).to("meta")
     with torch.nn.utils.stateless._reparametrize_module(graph_module, state):
-        _Recorder(graph_module).run(example)
+        ShapeRecorder(graph_module).run(example)
 
 
 def _run_fake(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> None:
@@ -512,11 +510,11 @@ def _run_fake(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) ->
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     example = mode.from_tensor(_example_input(graph_module, input_size))
     with mode:
-        _Recorder(graph_module).run(example)
+        ShapeRecorder(graph_module).run(example)
 
 
 def _run_real(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> None:
-    _Recorder(graph_module).run(_example_input(graph_module, input_size))
+    ShapeRecorder(graph_module).run(_example_input(graph_module, input_size))
 
 
 _RUNNERS: dict[str, Callable[[fx.GraphModule, tuple[int, int, int]], None]] = {
@@ -532,8 +530,3 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
     return None
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy, so the rewritten model shares no tensors with the user's."""
-    return copy.deepcopy(model)

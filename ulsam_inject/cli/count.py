@@ -50,7 +50,8 @@ def count(
     progress(f"counting at {'x'.join(map(str, loaded.input_size))}")
     traced = trace_model(loaded.module, loaded.input_size)
     cost = count_cost(traced)
-    per_stage = [(stage, cost.for_nodes(stage.nodes)) for stage in find_stages(traced)]
+    found = find_stages(traced)
+    per_stage = cost.for_stages(found)
     if json_output:
         print_json(
             {
@@ -71,11 +72,12 @@ def count(
                     {
                         "index": stage.index,
                         "name": stage.name,
-                        "macs": part.macs,
-                        "other_ops": part.other_ops,
-                        "bytes": part.bytes_read + part.bytes_written,
+                        "params": per_stage[stage.name].params,
+                        "macs": per_stage[stage.name].macs,
+                        "other_ops": per_stage[stage.name].other_ops,
+                        "bytes": per_stage[stage.name].bytes,
                     }
-                    for stage, part in per_stage
+                    for stage in found
                 ],
             }
         )
