@@ -187,14 +187,14 @@ CASES = [
         "checkpoint-wrong-keys",
         ["inject", TINY_SPEC, "-c", "{ws}/keys.pt", "--at", "0", *SIZE, "--out", "x.safetensors"],
         2,
-        ["1 missing key", "head.weight", "1 unexpected key", "extra.weight"],
+        ["keys.pt: checkpoint does not fit", "1 missing key", "head.weight", "extra.weight"],
         {},
     ),
     (
         "checkpoint-wrong-shape",
         ["count", TINY_SPEC, "-c", "{ws}/shape.pt", *SIZE],
         2,
-        ["head.weight", "(5, 16)", "(10, 16)"],
+        ["shape.pt: checkpoint does not fit", "head.weight", "(5, 16)", "(10, 16)"],
         {},
     ),
     (

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from torch import nn
 
-from ..errors import ModelSpecError, UlsamUsageError
+from ..errors import CheckpointError, ModelSpecError, UlsamUsageError
 
 # Piped output has no terminal width; rich would fold tables to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -68,7 +68,12 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
 
 
 def looks_like_file(model: str) -> bool:
-    """A MODEL argument that names a file rather than a spec."""
+    """A MODEL argument that names a file rather than a spec.
+
+    A zoo spec is never a file, even with a ``/`` (``timm:hf-hub:timm/NAME``).
+    """
+    if model.startswith(("torchvision:", "timm:")):
+        return False
     path = Path(model)
     return path.suffix in (".safetensors", ".pt", ".pth") or path.exists() or "/" in model
 
@@ -119,7 +124,11 @@ def load_model(
         module = sources.build_model(spec)
     if checkpoint is not None:
         progress(f"loading {checkpoint}")
-        load_state_dict_into(module, read_state_dict(checkpoint, trust=trust))
+        state = read_state_dict(checkpoint, trust=trust)
+        try:
+            load_state_dict_into(module, state)
+        except CheckpointError as error:
+            raise CheckpointError(f"{checkpoint}: {error}") from None
     module.eval()
     return LoadedModel(
         module, spec.spec, dict(spec.kwargs), size or sources.default_input_size(spec)
