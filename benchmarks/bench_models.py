@@ -8,7 +8,10 @@ and once with :class:`ulsam_inject.reference.ReferenceULSAM` (the readable per-s
 loop) swapped into the same graph module in place of each block, its weights converted
 with ``ULSAM.to_reference_state_dict`` (the two give the same outputs; checked first).
 Each ratio is the retrofitted model's median over the original's, from its own
-interleaved run; the ``original`` row shows the first run's timings.
+interleaved run; the ``original`` row shows the first run's timings. The ``fx graph, no
+ULSAM`` row is the retrofitted graph module with identities in place of the blocks: the
+cost of running torch.fx's generated code instead of the model's own (Python overhead,
+visible at batch 1), which the ULSAM rows include.
 
 Models are built without weights (random init: latency does not depend on the values),
 in eval mode, fp32. CUDA rows are added when CUDA is available (``--device auto``).
@@ -38,6 +41,7 @@ from torch import fx
 from ulsam_inject import ULSAM, inject, measure_latency
 from ulsam_inject.bench import LatencyReport, Timing
 from ulsam_inject.reference import ReferenceULSAM
+from ulsam_inject.rewrite import identity_blocks
 
 POSITIONS = ("features.13", "features.16")
 
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v2(weights=None).eval()
     ours = inject(original, at=list(POSITIONS), groups=args.groups, input_size=size).model.eval()
+    # The same graph module with each block an identity: what running torch.fx's generated
+    # code costs by itself (its Python, not ULSAM's work).
+    plain = identity_blocks(copy.deepcopy(ours)).eval()
     reference = None
     if not args.no_reference:
         reference = with_reference_blocks(ours).eval()
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for device in devices(args.device):
         for batch in batches:
-            contenders = [("ULSAM (ours)", ours)]
+            contenders = [("fx graph, no ULSAM", plain), ("ULSAM (ours)", ours)]
             if reference is not None:
                 contenders.append(("reference ULSAM", reference))
             for i, (label, model) in enumerate(contenders):
