@@ -190,7 +190,7 @@ def test_malformed_input_size_is_a_usage_error(size):
 
 def test_input_sizes_the_model_cannot_take_are_input_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 7), nn.ReLU())
-    with pytest.raises(InputSizeError, match=r"1x3x4x4.*too small"):
+    with pytest.raises(InputSizeError, match=r"1x3x4x4.*it runs at 224x224: is 4x4 too small"):
         trace_model(model, (3, 4, 4))
     with pytest.raises(
         InputSizeError, match=r"first convolution takes 3 channels, the input size gives 1"

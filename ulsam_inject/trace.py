@@ -479,9 +479,28 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
             f"{message}; the model's first convolution takes {first_conv.in_channels} "
             f"channels, the input size gives {input_size[0]}"
         )
-    if min(input_size[1:]) < 64:
-        raise InputSizeError(f"{message}; is {input_size[1]}x{input_size[2]} too small?")
+    usual = (input_size[0], 224, 224)
+    if min(input_size[1:]) < 224 and _runs_at(graph_module, usual):
+        raise InputSizeError(
+            f"{message}; it runs at 224x224: is {input_size[1]}x{input_size[2]} too small?"
+        )
     raise ShapeError(message)
+
+
+def _runs_at(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> bool:
+    """Whether the graph runs at another input size (leaving no recorded shapes behind)."""
+    try:
+        with eval_mode(graph_module), torch.no_grad():
+            for method in ("meta", "fake", "real"):
+                try:
+                    _RUNNERS[method](graph_module, input_size)
+                    return True
+                except Exception:
+                    continue
+        return False
+    finally:
+        for node in graph_module.graph.nodes:
+            node.meta.pop("value", None)
 
 
 def _example_input(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> torch.Tensor:
