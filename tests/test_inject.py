@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 from builders import INPUT_SIZE, build, expected_stages, nets
+from checks import assert_same_random_train_outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
@@ -211,17 +212,7 @@ def test_stochastic_depth_still_acts_in_train_mode_and_not_in_eval(tv_model):
     assert torch.equal(_run(plain, x), expected)
     assert torch.equal(_run(plain, x), _run(plain, x))  # eval is deterministic
     # Train mode, same random draws: the same stochastic depth as the original's.
-    reference = copy.deepcopy(model).train()
-    plain.train()
-    with torch.no_grad():
-        torch.manual_seed(1)
-        ours = plain(x)
-        torch.manual_seed(1)
-        theirs = reference(x)
-        torch.manual_seed(2)
-        other_draw = plain(x)
-    assert torch.equal(ours, theirs)
-    assert not torch.equal(ours, other_draw)  # the blocks' residual paths are dropped at random
+    assert_same_random_train_outputs(plain, model, x)
 
 
 def test_errors_come_before_any_surgery(mobilenet_v2):
