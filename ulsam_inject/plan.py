@@ -11,12 +11,12 @@ from .block import divisors
 from .errors import GroupsError, ModeError, PositionError, ReplaceError
 from .positions import PositionSpec, resolve_positions
 from .stages import Stage
-from .trace import Traced
+from .trace import BLOCKS, Traced
 
 Mode = Literal["after", "replace"]
 MODES: tuple[Mode, ...] = ("after", "replace")
 DEFAULT_GROUPS = 4
-CONTAINER = "ulsam"
+CONTAINER = BLOCKS
 """Name of the submodule that holds the new blocks: state-dict keys ``ulsam.<stage>.*``."""
 
 

@@ -29,12 +29,10 @@ import torch
 from torch import fx, nn
 
 from .block import ULSAM
-from .trace import TRAINING_FLAG, Traced, node_shape, trace_model
+from .trace import BLOCKS, TRAINING_FLAG, Traced, node_shape, trace_model
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
-_BLOCKS = "ulsam"
-"""Where a retrofitted model keeps its blocks (``plan.CONTAINER``; plan imports this module)."""
 
 
 @dataclass(frozen=True)
@@ -312,7 +310,7 @@ class _StageFinder:
                 break  # the pair ends with the container that lays it out
             module = self._module(user) if user.op == "call_module" else None
             if user.op == "call_module" and (
-                isinstance(module, ULSAM) or str(user.target).split(".")[0] == _BLOCKS
+                isinstance(module, ULSAM) or str(user.target).split(".")[0] == BLOCKS
             ):
                 break  # a retrofitted model's block is not part of the stage
             if module is not None and isinstance(module, nn.Conv2d):

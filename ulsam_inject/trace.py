@@ -37,6 +37,8 @@ and traced again when loaded. So the structure is also kept in a plain attribute
 name, which is pickled (and kept by deepcopy), and tracing the code again restores
 ``node.meta`` from it.
 """
+BLOCKS = "ulsam"
+"""The root submodule of a retrofitted model that holds its blocks: keys ``ulsam.<stage>.*``."""
 TRAINING_FLAG = "ulsam_training_flag"
 """The root submodule (a :class:`TrainingFlag`) that reads the model's train/eval mode."""
 
