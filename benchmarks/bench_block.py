@@ -5,7 +5,7 @@ Run: ``PYTHONPATH=. python benchmarks/bench_block.py`` (float32, 2 threads, abou
 Every row times its candidates side by side in one process, interleaved round by round (so
 a burst of load on the machine hits all of them alike), and reports medians in ms:
 
-- ``reference``: :class:`ulsam_inject.reference.ReferenceULSAM`, the per-subspace loop;
+- ``reference``: :class:`ulsam_inject.block.reference.ReferenceULSAM`, the per-subspace loop;
 - ``ULSAM``: the block in its default (eager) mode;
 - ``compiled``: ``torch.compile(block)`` (inductor), for a few rows;
 - ``SE``: squeeze-and-excitation, reduction 16 (avgpool, fc C/16, ReLU, fc C, sigmoid, scale);
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ulsam_inject.block import ULSAM
-from ulsam_inject.reference import ReferenceULSAM
+from ulsam_inject.block.module import ULSAM
+from ulsam_inject.block.reference import ReferenceULSAM
 
 
 class SqueezeExcite(nn.Module):

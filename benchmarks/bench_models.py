@@ -4,7 +4,7 @@ ULSAM goes after ``features.13`` (96 x 14 x 14) and ``features.16`` (160 x 7 x 7
 the paper's kind of placement (+0.02% MACs). For each device and batch size,
 :func:`ulsam_inject.measure_latency` times the original and the retrofitted model side by
 side (interleaved, after a warm-up): once with our vectorized :class:`ulsam_inject.ULSAM`,
-and once with :class:`ulsam_inject.reference.ReferenceULSAM` (the readable per-subspace
+and once with :class:`ulsam_inject.block.reference.ReferenceULSAM` (the readable per-subspace
 loop) swapped into the same graph module in place of each block, its weights converted
 with ``ULSAM.to_reference_state_dict`` (the two give the same outputs; checked first).
 Each ratio is the retrofitted model's median over the original's, from its own
@@ -39,9 +39,9 @@ from rich.table import Table
 from torch import fx
 
 from ulsam_inject import ULSAM, inject, measure_latency
-from ulsam_inject.bench import LatencyReport, Timing
-from ulsam_inject.reference import ReferenceULSAM
-from ulsam_inject.rewrite import identity_blocks
+from ulsam_inject.block.reference import ReferenceULSAM
+from ulsam_inject.measure.bench import LatencyReport, Timing
+from ulsam_inject.surgery.rewrite import identity_blocks
 
 POSITIONS = ("features.13", "features.16")
 

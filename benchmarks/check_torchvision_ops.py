@@ -31,7 +31,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ulsam_inject.cost import count
+from ulsam_inject.cost.count import count
 
 
 @contextmanager

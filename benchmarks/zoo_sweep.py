@@ -39,7 +39,7 @@ import torchvision
 from torch import nn
 
 from ulsam_inject import ULSAM, find_stages, inject, trace_model
-from ulsam_inject.rewrite import identity_blocks
+from ulsam_inject.surgery.rewrite import identity_blocks
 
 # Surgery only: the cost report (when inject makes one) is timed by its own benchmark.
 INJECT_KWARGS = {"report": False} if "report" in inspect.signature(inject).parameters else {}

@@ -29,7 +29,15 @@ MODULES = _modules_with_examples()
 
 
 def test_the_public_modules_have_examples() -> None:
-    for name in ("block", "inject", "cost", "stages", "positions", "artifact", "bench"):
+    for name in (
+        "block.module",
+        "surgery.inject",
+        "cost.count",
+        "graph.stages",
+        "surgery.positions",
+        "io.artifact",
+        "measure.bench",
+    ):
         assert f"ulsam_inject.{name}" in MODULES
 
 

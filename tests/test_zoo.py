@@ -12,7 +12,7 @@ from checks import assert_same_random_train_outputs
 
 from ulsam_inject import ULSAM, find_stages, inject
 from ulsam_inject.errors import PositionError
-from ulsam_inject.rewrite import identity_blocks
+from ulsam_inject.surgery.rewrite import identity_blocks
 
 SIZE = (3, 64, 64)
 

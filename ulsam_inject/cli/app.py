@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 import typer
 
-from ..errors import UlsamError
+from ulsam_inject.errors import UlsamError
+
 from . import bench, count, inject, stages
 from .common import err_console
 

@@ -8,9 +8,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..bench import LatencyReport, measure_latency
-from ..errors import UlsamUsageError
-from ..inject import inject as inject_model
+from ulsam_inject.errors import UlsamUsageError
+from ulsam_inject.measure.bench import LatencyReport, measure_latency
+from ulsam_inject.surgery.inject import inject as inject_model
+
 from .common import (
     MODEL_HELP,
     CheckpointOption,

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from torch import nn
 
-from ..errors import CheckpointError, ModelSpecError, UlsamUsageError
+from ulsam_inject.errors import CheckpointError, ModelSpecError, UlsamUsageError
 
 # Piped output has no terminal width; rich would fold tables to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -88,8 +88,8 @@ def load_model(
     input_size: str | None = None,
 ) -> LoadedModel:
     """Resolve MODEL (spec or retrofitted file), load weights, settle the input size."""
-    from .. import sources
-    from ..checkpoints import load_state_dict_into, read_state_dict
+    from ulsam_inject.io import sources
+    from ulsam_inject.io.checkpoints import load_state_dict_into, read_state_dict
 
     size = sources.parse_input_size(input_size) if input_size else None
     if looks_like_file(model):
@@ -98,7 +98,7 @@ def load_model(
                 f"{model} is a retrofitted-model file: it carries its own weights and model "
                 f"arguments, so --checkpoint, --pretrained and --model-kwargs do not apply"
             )
-        from ..artifact import load
+        from ulsam_inject.io.artifact import load
 
         progress(f"rebuilding {model}")
         retrofit = load(model)

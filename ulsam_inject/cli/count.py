@@ -7,10 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..cost import count as count_cost
-from ..report import human
-from ..stages import find_stages
-from ..trace import trace_model
+from ulsam_inject.cost.count import count as count_cost
+from ulsam_inject.graph.stages import find_stages
+from ulsam_inject.graph.trace import trace_model
+from ulsam_inject.surgery.report import human
+
 from .common import (
     MODEL_HELP,
     CheckpointOption,

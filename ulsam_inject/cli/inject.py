@@ -8,11 +8,12 @@ from pathlib import Path
 import typer
 from torch import nn
 
-from ..errors import UlsamUsageError
-from ..fileio import check_output_path
-from ..inject import Retrofit
-from ..inject import inject as inject_model
-from ..report import render_report
+from ulsam_inject.errors import UlsamUsageError
+from ulsam_inject.io.fileio import check_output_path
+from ulsam_inject.surgery.inject import Retrofit
+from ulsam_inject.surgery.inject import inject as inject_model
+from ulsam_inject.surgery.report import render_report
+
 from .common import (
     MODEL_HELP,
     CheckpointOption,
@@ -120,8 +121,8 @@ def _check_plot(plot: Path) -> None:
     """The figure's format and matplotlib, checked before anything is computed or written."""
     import importlib.util
 
-    from ..errors import MissingDependencyError, OutputError
-    from ..figure import FORMATS
+    from ulsam_inject.errors import MissingDependencyError, OutputError
+    from ulsam_inject.measure.figure import FORMATS
 
     if plot.suffix.lower() not in FORMATS:
         raise OutputError(
@@ -145,7 +146,7 @@ def _write(
 
     The export program is captured first, since capturing is what fails most often.
     """
-    from ..artifact import capture_program, save, write_program
+    from ulsam_inject.io.artifact import capture_program, save, write_program
 
     written: list[Path] = []
     created: list[Path] = []
@@ -164,7 +165,7 @@ def _write(
             existed = export.exists()
             record(write_program(program, export, force=force, protect=protect), existed)
         if plot is not None:
-            from ..figure import plot_retrofit
+            from ulsam_inject.measure.figure import plot_retrofit
 
             progress("profiling stages for the figure")
             existed = plot.exists()

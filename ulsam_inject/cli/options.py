@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import GroupsError, PositionError
+from ulsam_inject.errors import GroupsError, PositionError
 
 
 def per_position(values: list[str] | None, default: Any, *, what: str, as_int: bool) -> Any:

@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..stages import find_stages
-from ..trace import trace_model
+from ulsam_inject.graph.stages import find_stages
+from ulsam_inject.graph.trace import trace_model
+
 from .common import (
     MODEL_HELP,
     CheckpointOption,

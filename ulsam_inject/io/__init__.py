@@ -1,0 +1,1 @@
+"""Files and sources: model specs, zoo downloads, checkpoints, artifacts, atomic writes."""

@@ -1,0 +1,193 @@
+"""Writing output files safely: checked up front, written whole or not at all.
+
+:func:`check_output_path` tells early (before minutes of work) whether an output can be
+written; :func:`atomic_write` writes to a temporary file in the same folder and renames it
+onto the target, so a crash or a failing writer never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeAlias
+
+from ulsam_inject.errors import OutputError
+
+__all__ = ["atomic_write", "check_output_path"]
+
+PathLike: TypeAlias = "str | os.PathLike[str]"
+
+
+def check_output_path(path: PathLike, *, force: bool, protect: PathLike | None = None) -> Path:
+    """Check that ``path`` can be written, and return it resolved.
+
+    Raises :class:`OutputError` when the path is a directory or another non-regular file,
+    exists and ``force`` is false, is the same file as ``protect`` (e.g. the input
+    checkpoint), or its folder is missing or not writable (checked by creating and removing
+    a probe file, so read-only mounts and ACLs are caught too).
+
+    Example:
+        >>> import tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> check_output_path(os.path.join(folder, "out.safetensors"), force=False).name
+        'out.safetensors'
+    """
+    target = Path(os.fspath(path)).expanduser().resolve()
+    if protect is not None and _same_file(target, Path(os.fspath(protect))):
+        raise OutputError(
+            f"output {target} is the same file as the input {protect}; choose another path"
+        )
+    if target.is_dir():
+        raise OutputError(f"output {target} is a directory; give a file path inside it")
+    if target.exists():
+        if not target.is_file():
+            raise OutputError(f"output {target} exists and is not a regular file")
+        if not force:
+            raise OutputError(f"output {target} exists; pass force=True (--force) to replace it")
+    folder = target.parent
+    if not folder.exists():
+        raise OutputError(f"output folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {folder} is not writable")
+    _probe(folder)
+    return target
+
+
+def atomic_write(
+    path: PathLike,
+    write: Callable[[Path], None],
+    *,
+    force: bool,
+    protect: PathLike | None = None,
+) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a temporary file, which then replaces ``path``.
+
+    The temporary file lives in the target's folder (so the final rename is atomic) and
+    has the target's suffix (some writers pick a format by it). On any exception it is
+    removed and the exception re-raised; the target is then untouched. Without ``force``
+    an existing target is never replaced, even one created while ``write`` ran. The file
+    gets the permissions a plain ``open(path, "w")`` would give, or keeps those of the
+    file it replaces.
+
+    Example:
+        >>> import tempfile, os
+        >>> target = os.path.join(tempfile.mkdtemp(), "notes.txt")
+        >>> path = atomic_write(target, lambda tmp: tmp.write_text("hello"), force=False)
+        >>> path.read_text()
+        'hello'
+    """
+    target = check_output_path(path, force=force, protect=protect)
+    try:
+        handle, name = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix
+        )
+    except OSError as error:
+        raise OutputError(f"cannot write in {target.parent}: {error.strerror}") from None
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        if not tmp.is_file():
+            raise OutputError(f"the writer for {target} did not leave its file at {tmp}")
+        os.chmod(tmp, _mode_for(target))
+        _fsync(tmp)
+        _publish(tmp, target, force=force)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_folder(target.parent)
+    return target
+
+
+def _publish(tmp: Path, target: Path, *, force: bool) -> None:
+    """Move ``tmp`` onto ``target``; without ``force``, never over a file that appeared since."""
+    if force:
+        os.replace(tmp, target)
+        return
+    try:
+        # A hard link fails if the target exists, atomically: no window in which a file
+        # created by someone else meanwhile would be overwritten.
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputError(
+            f"output {target} appeared while it was being written; pass force=True (--force) "
+            f"to replace it"
+        ) from None
+    except OSError:
+        # Filesystems without hard links (FAT, some network mounts): plain rename.
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _probe(folder: Path) -> None:
+    """Create and remove a file in ``folder``: os.access misses read-only mounts for root."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".ulsam-probe-")
+    except OSError as error:
+        raise OutputError(f"output folder {folder} is not writable ({error.strerror})") from None
+    os.close(handle)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
+def _mode_for(target: Path) -> int:
+    """Permissions for the new file: those it replaces, or 0o666 less the umask.
+
+    mkstemp creates files readable by their owner only, which would silently make every
+    output private.
+    """
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:
+        # Linux reports the umask without changing it, so no other thread sees a window.
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable; not every platform can open a folder, so best effort."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)

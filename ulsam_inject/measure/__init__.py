@@ -1,0 +1,1 @@
+"""Measured, not counted: latency benchmarks, per-node profiles, before/after figures."""

@@ -1,0 +1,138 @@
+"""The plan: which stages get a ULSAM, with which g, inserted after or replacing the stage."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from ulsam_inject.block.module import divisors
+from ulsam_inject.errors import GroupsError, ModeError, PositionError, ReplaceError
+from ulsam_inject.graph.stages import Stage
+from ulsam_inject.graph.trace import BLOCKS, Traced
+from ulsam_inject.surgery.positions import PositionSpec, resolve_positions
+
+Mode = Literal["after", "replace"]
+MODES: tuple[Mode, ...] = ("after", "replace")
+DEFAULT_GROUPS = 4
+CONTAINER = BLOCKS
+"""Name of the submodule that holds the new blocks: state-dict keys ``ulsam.<stage>.*``."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One ULSAM: the stage it goes after (or replaces), its g, and its module name."""
+
+    stage: Stage
+    groups: int
+    mode: Mode
+    module_name: str
+
+    @property
+    def channels(self) -> int:
+        return self.stage.out_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.stage.name, "groups": self.groups, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved placements, in execution order."""
+
+    placements: tuple[Placement, ...]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """``[{"at": stage name, "groups": g, "mode": mode}, ...]``: the recipe's plan."""
+        return [p.to_dict() for p in self.placements]
+
+
+def module_name_for(stage_name: str) -> str:
+    """``features.13`` -> ``ulsam.features_13``: deterministic, readable, a valid identifier."""
+    return f"{CONTAINER}.{re.sub(r'[^0-9A-Za-z_]', '_', stage_name)}"
+
+
+def make_plan(
+    stages: Sequence[Stage],
+    at: PositionSpec,
+    groups: int | Mapping[Any, int] = DEFAULT_GROUPS,
+    mode: Mode | str | Mapping[Any, str] = "after",
+    traced: Traced | None = None,
+) -> Plan:
+    """Resolve positions, group counts and modes into a checked :class:`Plan`.
+
+    ``groups`` and ``mode`` are one value for every position, or a mapping from a position
+    spec to a value (positions not in the mapping get 4 and "after").
+
+    Example:
+        >>> import torchvision
+        >>> from ulsam_inject import find_stages
+        >>> stages = find_stages(torchvision.models.mobilenet_v2())
+        >>> make_plan(stages, "features.13", groups=8).to_list()
+        [{'at': 'features.13', 'groups': 8, 'mode': 'after'}]
+    """
+    chosen = resolve_positions(at, stages, traced)
+    group_of = _per_stage(groups, DEFAULT_GROUPS, stages, chosen, traced, "groups")
+    mode_of = _per_stage(mode, "after", stages, chosen, traced, "mode")
+    placements = []
+    for stage in chosen:
+        g = group_of.get(stage.index, group_of.get(-1, DEFAULT_GROUPS))
+        m = mode_of.get(stage.index, mode_of.get(-1, "after"))
+        placements.append(_placement(stage, cast(int, g), str(m)))
+    return Plan(tuple(placements))
+
+
+def _per_stage(
+    value: Any,
+    default: Any,
+    stages: Sequence[Stage],
+    chosen: Sequence[Stage],
+    traced: Traced | None,
+    what: str,
+) -> dict[int, Any]:
+    """Map stage index -> value; key -1 holds the value for every stage not named.
+
+    An entry whose positions include none of the chosen stages is refused: it would be
+    ignored, and is most likely a typo or a position missing from ``at``.
+    """
+    if not isinstance(value, Mapping):
+        return {-1: value}
+    result: dict[int, Any] = {-1: default}
+    picked = {stage.index for stage in chosen}
+    for spec, item in value.items():
+        try:
+            targets = resolve_positions(spec, stages, traced)
+        except PositionError as error:
+            raise PositionError(f"in the {what} mapping: {error}") from None
+        if not picked & {stage.index for stage in targets}:
+            raise PositionError(
+                f"{what} given for {spec!r}, which is not among the chosen positions "
+                f"({', '.join(s.name for s in chosen)}); add it to the positions or drop it"
+            )
+        for stage in targets:
+            result[stage.index] = item
+    return result
+
+
+def _placement(stage: Stage, groups: int, mode: str) -> Placement:
+    if mode not in MODES:
+        raise ModeError(f"mode {mode!r} for {stage.name} is not one of: after, replace")
+    if mode == "replace" and not stage.replaceable:
+        raise ReplaceError(
+            f"cannot replace {stage.name}: it maps {stage.in_channels} channels to "
+            f"{stage.out_channels} at stride {stage.stride}; only stages whose input and "
+            f"output shapes are identical can be replaced (use mode 'after')"
+        )
+    channels = stage.out_channels
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise GroupsError(
+            f"groups must be a positive integer, got {groups!r} for {stage.name}; "
+            f"valid groups there: {', '.join(map(str, divisors(channels)))}"
+        )
+    if channels % groups:
+        raise GroupsError(
+            f"groups={groups!r} does not divide the {channels} channels of {stage.name}; "
+            f"valid groups there: {', '.join(map(str, divisors(channels)))}"
+        )
+    return Placement(stage, groups, mode, module_name_for(stage.name))

@@ -1,0 +1,134 @@
+"""Graph surgery: insert ULSAM after stages, or put it in the place of identity-shaped ones."""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from ulsam_inject.block.module import ULSAM
+from ulsam_inject.errors import PositionError, TraceError
+from ulsam_inject.graph.stages import activation_inputs
+from ulsam_inject.graph.trace import Traced, record_structure
+from ulsam_inject.surgery.plan import CONTAINER, Placement, Plan
+
+
+def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
+    """Apply ``plan`` to ``traced.graph_module`` in place and return it, recompiled.
+
+    The graph module must not share modules with a model the caller still uses
+    (:func:`ulsam_inject.inject` deep-copies first). New blocks live under the submodule
+    ``ulsam`` (state-dict keys ``ulsam.<stage name with _>.*``); a replaced stage's modules
+    are deleted, every other parameter and buffer keeps its key and value.
+    """
+    graph_module = traced.graph_module
+    graph = graph_module.graph
+    by_name = {node.name: node for node in graph.nodes}
+    container = _container(graph_module)
+    _check_names_free(container, plan)
+    reference = next(iter(graph_module.parameters()), None)
+    for placement in plan.placements:
+        block = ULSAM(placement.channels, placement.groups)
+        if reference is not None:
+            block = block.to(device=reference.device, dtype=reference.dtype)
+        block.train(graph_module.training)
+        container.add_module(placement.module_name.split(".", 1)[1], block)
+        if placement.mode == "after":
+            _insert_after(graph, by_name, placement)
+        else:
+            _replace(graph_module, by_name, placement)
+    graph.lint()
+    graph_module.recompile()
+    record_structure(graph_module, traced.leaves)
+    return graph_module
+
+
+def _container(graph_module: fx.GraphModule) -> nn.Module:
+    existing = getattr(graph_module, CONTAINER, None)
+    if existing is not None:
+        if type(existing) is not nn.Module or any(
+            not isinstance(m, ULSAM) for m in existing.children()
+        ):
+            raise TraceError(
+                f"the model already has an attribute {CONTAINER!r} that is not ulsam_inject's"
+            )
+        return existing
+    container = nn.Module()
+    graph_module.add_module(CONTAINER, container)
+    return container
+
+
+def _check_names_free(container: nn.Module, plan: Plan) -> None:
+    """Refuse a second block at a position: two graph nodes would call one module."""
+    existing = {name for name, _ in container.named_children()}
+    planned: dict[str, str] = {}
+    for placement in plan.placements:
+        child = placement.module_name.split(".", 1)[1]
+        if child in existing:
+            raise PositionError(
+                f"{placement.stage.name} has a ULSAM block already ({placement.module_name}): "
+                f"the model was retrofitted there before; choose other positions"
+            )
+        if child in planned:
+            raise PositionError(
+                f"stages {planned[child]} and {placement.stage.name} would both get the "
+                f"module name {placement.module_name} (a stage's name with every character "
+                f"but letters, digits and _ made _)"
+            )
+        planned[child] = placement.stage.name
+
+
+def _new_node(graph: fx.Graph, placement: Placement, source: fx.Node, like: fx.Node) -> fx.Node:
+    node = graph.call_module(placement.module_name, (source,))
+    node.meta["scope"] = ()
+    if "value" in like.meta:
+        node.meta["value"] = like.meta["value"]
+    return node
+
+
+def _insert_after(graph: fx.Graph, by_name: dict[str, fx.Node], placement: Placement) -> None:
+    output = by_name[placement.stage.output_node]
+    with graph.inserting_after(output):
+        block = _new_node(graph, placement, output, output)
+    output.replace_all_uses_with(block, delete_user_cb=lambda user: user is not block)
+
+
+def _replace(
+    graph_module: fx.GraphModule, by_name: dict[str, fx.Node], placement: Placement
+) -> None:
+    graph = graph_module.graph
+    stage = placement.stage
+    region = [by_name[name] for name in stage.nodes]
+    inside = set(region)
+    # The stage's input now may be an earlier ULSAM's output: read it from the graph.
+    (source,) = activation_inputs(region)
+    output = by_name[stage.output_node]
+    with graph.inserting_after(output):
+        block = _new_node(graph, placement, source, output)
+    output.replace_all_uses_with(block, delete_user_cb=lambda user: user not in inside)
+    for node in reversed(region):
+        graph.erase_node(node)
+    for path in stage.modules:
+        _delete_module(graph_module, path)
+
+
+def _delete_module(graph_module: fx.GraphModule, path: str) -> None:
+    still_used = any(
+        node.op in ("call_module", "get_attr")
+        and (str(node.target) == path or str(node.target).startswith(path + "."))
+        for node in graph_module.graph.nodes
+    )
+    if not still_used:
+        graph_module.delete_submodule(path)
+
+
+def identity_blocks(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A copy-free view for tests and checks: every ULSAM swapped for ``nn.Identity``.
+
+    Modifies ``graph_module`` in place (it must be a throwaway copy) and returns it.
+    """
+    for name, module in list(graph_module.named_modules()):
+        if isinstance(module, ULSAM):
+            parent_name, _, child = name.rpartition(".")
+            parent = graph_module.get_submodule(parent_name) if parent_name else graph_module
+            setattr(parent, child, nn.Identity())
+    graph_module.recompile()
+    return graph_module
