@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from block_helpers import close, plain, random_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
@@ -45,30 +46,6 @@ STATE_KEYS = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_block(channels: int, groups: int, seed: int = 0, **kwargs: float) -> ULSAM:
-    """A block with random weights, BN affine parameters and running statistics."""
-    torch.manual_seed(seed)
-    block = ULSAM(channels, groups, **kwargs)
-    with torch.no_grad():
-        for bn in (block.dw_bn, block.pw_bn):
-            assert bn.running_mean is not None and bn.running_var is not None
-            bn.running_mean.normal_(0, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.normal_(1.0, 0.3)
-            bn.bias.normal_(0, 0.3)
-        block.dw.weight.normal_(0, 0.7)
-    return block
-
-
-def plain(block: ULSAM, x: torch.Tensor) -> torch.Tensor:
-    """The unfolded, module-by-module computation (native max-pool, convs, BatchNorms)."""
-    return block.forward_plain(x)
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
-    return a.shape == b.shape and (a.double() - b.double()).abs().max().item() <= tol
 
 
 # -- arguments -----------------------------------------------------------------------------

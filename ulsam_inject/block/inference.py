@@ -14,6 +14,7 @@ import weakref
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ulsam_inject.block.maxpool import max3x3_into
@@ -102,6 +103,17 @@ def _fold(sources: Sources, dw_eps: float, pw_eps: float) -> Folded:
     assert dw_mean is not None and dw_var is not None
     assert pw_mean is not None and pw_var is not None
     c, g = dw_w.shape[0], pw_w.shape[0]
+    dtype = dw_w.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # Fold in float32 and round once at the end: the plain BatchNorm kernels compute in
+        # float32 too, so the folded block stays within one rounding of them.
+        dw_w, dw_b, dw_gamma, dw_beta, pw_w, pw_b, pw_gamma, pw_beta, *stats = (
+            None if t is None else t.float() for t in sources
+        )
+        dw_mean, dw_var, pw_mean, pw_var = stats
+        assert dw_w is not None and pw_w is not None
+        assert dw_mean is not None and dw_var is not None
+        assert pw_mean is not None and pw_var is not None
     with torch.no_grad(), torch.inference_mode(False):
         scale, beta = _bn_scale_shift(dw_var, dw_gamma, dw_beta, dw_eps)
         dw_scale = dw_w.view(c) * scale
@@ -110,12 +122,12 @@ def _fold(sources: Sources, dw_eps: float, pw_eps: float) -> Folded:
         pw_weight = pw_w.view(g, 1, c // g) * scale.view(g, 1, 1)
         pw_bias = (_or_zeros(pw_b, g, pw_w) - pw_mean) * scale + beta
         return Folded(
-            dw_scale.contiguous(),
-            dw_shift.contiguous(),
-            torch.zeros_like(dw_scale),
-            torch.ones_like(dw_scale),
-            pw_weight.contiguous(),
-            pw_bias.view(1, g, 1, 1),
+            dw_scale.contiguous().to(dtype),
+            dw_shift.contiguous().to(dtype),
+            torch.zeros_like(dw_scale, dtype=dtype),
+            torch.ones_like(dw_scale, dtype=dtype),
+            pw_weight.contiguous().to(dtype),
+            pw_bias.view(1, g, 1, 1).to(dtype),
         )
 
 
@@ -164,3 +176,25 @@ def inference_forward(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
             x5[start:stop], x5[start:stop], attention.view(m, g, 1, h, w), out=out5[start:stop]
         )
     return out
+
+
+def folded_forward(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
+    """The block on ``x`` with folded parameters, in whole-tensor ops (any device, layout).
+
+    The plain computation less its two BatchNorms and the depthwise conv: one broadcast
+    multiply-add, ReLU, PyTorch's max-pool, the grouped pointwise conv with the folded
+    weights and bias, ReLU, softmax and ``x + A * x``. For accelerators, where each op is
+    one kernel over the whole tensor and cache-sized chunks would only add launches.
+    """
+    b, c, h, w = x.shape
+    g = parameters.pw_weight.shape[0]
+    dw = torch.addcmul(
+        parameters.shift.view(1, c, 1, 1), x, parameters.scale.view(1, c, 1, 1)
+    ).relu_()
+    pooled = F.max_pool2d(dw, 3, 1, 1)
+    logits = F.conv2d(
+        pooled, parameters.pw_weight.view(g, c // g, 1, 1), parameters.pw_bias.view(g), groups=g
+    ).relu_()
+    attention = torch.softmax(logits.flatten(2), dim=-1).view(b, g, 1, h, w)
+    x5 = x.unflatten(1, (g, c // g))
+    return torch.addcmul(x5, x5, attention).flatten(1, 2)

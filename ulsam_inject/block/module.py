@@ -1,19 +1,22 @@
 """The ULSAM block, vectorized over all subspaces, and conversion from the reference layout.
 
-One module, three ways to run the same computation (all tested against the per-subspace
-reference in :mod:`ulsam_inject.block.reference`):
+One module; every call computes the same thing (all paths are tested against the
+per-subspace reference in :mod:`ulsam_inject.block.reference` and against
+:meth:`ULSAM.forward_plain`). :func:`ulsam_inject.block.dispatch.choose_path` picks how:
 
-- **eager, no gradient, BatchNorms on running statistics** (inference):
-  :mod:`ulsam_inject.block.inference`, folded BatchNorms and a streaming pass;
-- **eager otherwise** (training, or gradients wanted): :mod:`ulsam_inject.block.training`,
+- **plain** (the rule): the module-by-module computation. Correct on every device and dtype
+  PyTorch's layers support, inside ``torch.autocast``, and what torch.fx, torch.compile,
+  torch.export, jit tracing and dispatch modes such as ``FlopCounterMode`` see;
+- **cpu-streaming** (eval, no gradient, CPU float32): :mod:`ulsam_inject.block.inference`,
+  folded BatchNorms and a cache-sized streaming pass;
+- **cpu-training** (training or gradients, CPU float32): :mod:`ulsam_inject.block.training`,
   one autograd function with a hand-written backward;
-- **traced or compiled** (torch.fx, torch.compile, torch.export, jit tracing, dispatch
-  modes such as ``FlopCounterMode``): the plain module-by-module computation, so that
-  graphs and operator counts show the convolutions and BatchNorms themselves.
+- **folded** (eval, no gradient, CUDA): the plain ops with the BatchNorms folded away.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ulsam_inject.block.inference import fold_sources, folded, inference_forward
+from ulsam_inject.block.dispatch import BlockPath, choose_path
+from ulsam_inject.block.inference import fold_sources, folded, folded_forward, inference_forward
 from ulsam_inject.block.training import NormSpec, TrainingPass, uses_batch_stats
 from ulsam_inject.errors import BlockConfigError
 
@@ -36,6 +40,10 @@ PyTorch's default; blocks converted from reference weights keep 0.9 unless told 
 REFERENCE_MOMENTUM = 0.9
 """BatchNorm momentum of the reference code, kept by :meth:`ULSAM.from_reference_state_dict`."""
 
+MAX_CHANNELS = 1 << 20
+"""The most channels a block accepts: far beyond any CNN, small enough that listing the
+valid group counts in an error message stays instant."""
+
 _REFERENCE_KEY = re.compile(r"^subspaces\.(\d+)\.(conv_dws|bn_dws|conv_point|bn_point)\.(\w+)$")
 
 
@@ -46,7 +54,8 @@ def divisors(n: int) -> list[int]:
         >>> divisors(12)
         [1, 2, 3, 4, 6, 12]
     """
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def check_groups(channels: int, groups: int, where: str = "") -> None:
@@ -60,6 +69,11 @@ def check_groups(channels: int, groups: int, where: str = "") -> None:
     """
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         raise BlockConfigError(f"channels must be a positive integer, got {channels!r}")
+    if channels > MAX_CHANNELS:
+        raise BlockConfigError(
+            f"channels={channels} is beyond any feature map ULSAM is meant for "
+            f"(at most {MAX_CHANNELS})"
+        )
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or channels % groups:
         place = f" at {where}" if where else ""
         raise BlockConfigError(
@@ -139,17 +153,15 @@ class ULSAM(nn.Module):
         if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
             return self.forward_plain(x)
         self._check_input(x)
-        if torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
-            # Tracers and dispatch modes (fake tensors, FLOP counters) see the plain ops.
-            return self.forward_plain(x)
-        modules = self._modules
-        if not (uses_batch_stats(modules["dw_bn"]) or uses_batch_stats(modules["pw_bn"])):
-            sources = fold_sources(self)
-            if not torch.is_grad_enabled() or not (
-                x.requires_grad or any(t is not None and t.requires_grad for t in sources[:8])
-            ):
-                return inference_forward(x, folded(self, sources))
-        return self._forward_autograd(x)
+        sources = fold_sources(self)
+        path = choose_path(self, x, sources)
+        if path is BlockPath.CPU_STREAMING:
+            return inference_forward(x, folded(self, sources))
+        if path is BlockPath.FOLDED:
+            return folded_forward(x, folded(self, sources))
+        if path is BlockPath.CPU_TRAINING:
+            return self._forward_autograd(x)
+        return self.forward_plain(x)
 
     # -- the plain computation ------------------------------------------------------------
 
