@@ -10,9 +10,9 @@ exception, taken only where it was written and measured:
   (:mod:`.inference`). Measured on a 2-core CPU (benchmarks/bench_block.py).
 - ``cpu-training``: training or gradients wanted, CPU, float32: one autograd function with
   its own backward (:mod:`.training`), measured likewise.
-- ``folded``: eval, no gradient wanted, CUDA, any floating dtype: the plain ops with both
-  BatchNorms folded into the convolutions (fewer kernels, the same math), measured on an
-  H200 (benchmarks/bench_cuda.py).
+- ``cuda-fused``: eval, no gradient wanted, CUDA, float32/float16/bfloat16, where Triton
+  imports: the logits in one Triton kernel over folded BatchNorms, then softmax and
+  ``x + A * x`` (:mod:`.gpu`). Measured on an H200 (benchmarks/bench_cuda.py).
 
 Everything else (autocast on, half precision on the CPU, other devices, ``meta``, tracing)
 runs ``plain``.
@@ -25,6 +25,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from ulsam_inject.block import gpu
 from ulsam_inject.block.inference import Sources
 from ulsam_inject.block.training import uses_batch_stats
 
@@ -35,7 +36,7 @@ class BlockPath(str, Enum):
     PLAIN = "plain"
     CPU_STREAMING = "cpu-streaming"
     CPU_TRAINING = "cpu-training"
-    FOLDED = "folded"
+    CUDA_FUSED = "cuda-fused"
 
 
 def dispatch_mode_active() -> bool:
@@ -79,8 +80,9 @@ def choose_path(block: nn.Module, x: torch.Tensor, sources: Sources) -> BlockPat
         device == "cuda"
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not (batch_stats or wants_grad)
+        and gpu.available()
     ):
-        return BlockPath.FOLDED
+        return BlockPath.CUDA_FUSED
     return BlockPath.PLAIN
 
 

@@ -14,7 +14,6 @@ import weakref
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ulsam_inject.block.maxpool import max3x3_into
@@ -176,25 +175,3 @@ def inference_forward(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
             x5[start:stop], x5[start:stop], attention.view(m, g, 1, h, w), out=out5[start:stop]
         )
     return out
-
-
-def folded_forward(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
-    """The block on ``x`` with folded parameters, in whole-tensor ops (any device, layout).
-
-    The plain computation less its two BatchNorms and the depthwise conv: one broadcast
-    multiply-add, ReLU, PyTorch's max-pool, the grouped pointwise conv with the folded
-    weights and bias, ReLU, softmax and ``x + A * x``. For accelerators, where each op is
-    one kernel over the whole tensor and cache-sized chunks would only add launches.
-    """
-    b, c, h, w = x.shape
-    g = parameters.pw_weight.shape[0]
-    dw = torch.addcmul(
-        parameters.shift.view(1, c, 1, 1), x, parameters.scale.view(1, c, 1, 1)
-    ).relu_()
-    pooled = F.max_pool2d(dw, 3, 1, 1)
-    logits = F.conv2d(
-        pooled, parameters.pw_weight.view(g, c // g, 1, 1), parameters.pw_bias.view(g), groups=g
-    ).relu_()
-    attention = torch.softmax(logits.flatten(2), dim=-1).view(b, g, 1, h, w)
-    x5 = x.unflatten(1, (g, c // g))
-    return torch.addcmul(x5, x5, attention).flatten(1, 2)

@@ -11,7 +11,8 @@ per-subspace reference in :mod:`ulsam_inject.block.reference` and against
   folded BatchNorms and a cache-sized streaming pass;
 - **cpu-training** (training or gradients, CPU float32): :mod:`ulsam_inject.block.training`,
   one autograd function with a hand-written backward;
-- **folded** (eval, no gradient, CUDA): the plain ops with the BatchNorms folded away.
+- **cuda-fused** (eval, no gradient, CUDA, Triton available): :mod:`ulsam_inject.block.gpu`,
+  the attention logits in one Triton kernel over folded BatchNorms, then two ops.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ulsam_inject.block.dispatch import BlockPath, choose_path
-from ulsam_inject.block.inference import fold_sources, folded, folded_forward, inference_forward
+from ulsam_inject.block.gpu import gpu_inference_forward
+from ulsam_inject.block.inference import fold_sources, folded, inference_forward
 from ulsam_inject.block.training import NormSpec, TrainingPass, uses_batch_stats
 from ulsam_inject.errors import BlockConfigError
 
@@ -157,8 +159,8 @@ class ULSAM(nn.Module):
         path = choose_path(self, x, sources)
         if path is BlockPath.CPU_STREAMING:
             return inference_forward(x, folded(self, sources))
-        if path is BlockPath.FOLDED:
-            return folded_forward(x, folded(self, sources))
+        if path is BlockPath.CUDA_FUSED:
+            return gpu_inference_forward(x, folded(self, sources))
         if path is BlockPath.CPU_TRAINING:
             return self._forward_autograd(x)
         return self.forward_plain(x)

@@ -1,0 +1,110 @@
+"""ULSAM at inference on CUDA: the attention logits in one Triton kernel, then two ops.
+
+The plain computation runs nine whole-tensor ops (two convs, two BatchNorms, two ReLUs,
+the max-pool, softmax, ``x + A * x``), each a pass over memory and a kernel launch. With
+both BatchNorms folded (:func:`ulsam_inject.block.inference.folded`), everything up to the
+(B, g, H, W) logits is, per output position and group,
+
+    logit = ReLU(bias_g + sum over the group's channels c of
+                 w_c * max over the 3x3 neighbourhood of ReLU(scale_c * x + shift_c))
+
+which one kernel computes reading x once (neighbours come from cache). Padding may count
+as 0 instead of -inf: the max always includes the centre, which is >= 0 after ReLU. Then
+softmax over H*W (a small tensor) and ``x + A * x`` run as PyTorch ops: three launches in
+all. Accumulation is float32 whatever the input dtype.
+
+Only imported where ``triton`` is; :func:`available` says whether this path can run.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ulsam_inject.block.inference import Folded
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton imports (it ships with PyTorch's CUDA wheels on Linux)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def logits_kernel(
+        x_ptr, scale_ptr, shift_ptr, weight_ptr, bias_ptr, out_ptr,
+        stride_b, stride_c, stride_h, stride_w,
+        groups, width, height, cols,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # one (sample, group) pair
+        b = row // groups
+        group = row % groups
+        offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < height * cols
+        i = offsets // cols
+        j = offsets % cols
+        acc = tl.full((BLOCK,), 0.0, tl.float32)
+        for k in range(0, width):
+            c = group * width + k
+            scale = tl.load(scale_ptr + c).to(tl.float32)
+            shift = tl.load(shift_ptr + c).to(tl.float32)
+            base = x_ptr + b * stride_b + c * stride_c
+            pooled = tl.full((BLOCK,), 0.0, tl.float32)  # ReLU's floor, and the padding
+            for di in tl.static_range(3):
+                for dj in tl.static_range(3):
+                    ii = i + (di - 1)
+                    jj = j + (dj - 1)
+                    ok = inside & (ii >= 0) & (ii < height) & (jj >= 0) & (jj < cols)
+                    value = tl.load(base + ii * stride_h + jj * stride_w, mask=ok, other=0.0)
+                    value = value.to(tl.float32) * scale + shift
+                    pooled = tl.maximum(pooled, tl.where(ok, value, 0.0))
+            acc += tl.load(weight_ptr + c).to(tl.float32) * pooled
+        logit = tl.maximum(acc + tl.load(bias_ptr + group).to(tl.float32), 0.0)
+        tl.store(out_ptr + row * height * cols + offsets, logit, mask=inside)
+
+    return logits_kernel
+
+
+def _block_size(positions: int, programs: int) -> int:
+    """Positions per program: the whole map where it is small, and tiles small enough to
+    give the GPU a few hundred programs when there are few (sample, group) pairs."""
+    block = 1 << max(5, (positions - 1).bit_length())
+    while block > 64 and programs * -(-positions // block) < 512:
+        block //= 2
+    return min(block, 1024)
+
+
+def attention_logits(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
+    """The (B, g, H*W) float32 logits ``ReLU(PW(maxpool(ReLU(DW(x)))))`` with folded BNs."""
+    b, c, h, w = x.shape
+    g = parameters.pw_weight.shape[0]
+    out = torch.empty((b, g, h * w), device=x.device, dtype=torch.float32)
+    block = _block_size(h * w, b * g)
+    grid = (b * g, -(-(h * w) // block))
+    _kernel()[grid](
+        x, parameters.scale, parameters.shift, parameters.pw_weight, parameters.pw_bias, out,
+        *x.stride(), g, c // g, h, w,
+        BLOCK=block,
+    )  # fmt: skip
+    return out
+
+
+def gpu_inference_forward(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
+    """The block on ``x`` (B, C, H, W) with folded parameters: kernel, softmax, x + A * x."""
+    b, c, h, w = x.shape
+    g = parameters.pw_weight.shape[0]
+    attention = torch.softmax(attention_logits(x, parameters), dim=-1).to(x.dtype)
+    x5 = x.unflatten(1, (g, c // g))
+    return torch.addcmul(x5, x5, attention.view(b, g, 1, h, w)).flatten(1, 2)
