@@ -8,7 +8,12 @@ without a GPU.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +22,8 @@ from block_helpers import random_block
 from torch.utils.flop_counter import FlopCounterMode
 
 from ulsam_inject import ULSAM, inject
-from ulsam_inject.block import gpu
 from ulsam_inject.block.dispatch import BlockPath, choose_path, dispatch_mode_active
-from ulsam_inject.block.inference import fold_sources, folded
+from ulsam_inject.block.inference import fold_sources
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,10 +57,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 0.15}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 0.03, torch.bfloat16: 0.15}
 """Relative error allowed against float64, per dtype the computation runs in. bfloat16
 keeps 8 significant bits: a gradient summed over a few thousand bf16 products (cuDNN's
-bf16 backward on an H200: 12.8% on a 4-element bias gradient) is that far off."""
+bf16 backward on an H200: 12.8% on a 4-element bias gradient) is that far off; float16
+keeps 11, a fifth of that."""
 
 # On batch statistics BatchNorm cancels a per-channel shift and scale of its input: the
 # true gradients of the conv biases are 0 and the depthwise weight's is tiny (through eps
@@ -71,10 +76,10 @@ def assert_grads_match(
     for name, value in found.items():
         assert torch.isfinite(value).all(), name
         if train and name in CANCELLED_IN_TRAINING:
-            error = float((value.double().cpu() - exact[name].double()).abs().max())
-            assert error <= tol * scale, name
+            error = float((value.double().cpu() - exact[name].double()).abs().max()) / scale
         else:
-            assert relative_error(value, exact[name]) <= tol, name
+            error = relative_error(value, exact[name])
+        assert error <= tol, f"{name}: error {error:.3g} > {tol}"
 
 
 def call(block: ULSAM, x: torch.Tensor) -> torch.Tensor:
@@ -121,34 +126,25 @@ def test_dispatch_modes_are_detected() -> None:
 
 # -- the fused CUDA path's math, checked on the CPU through Triton's interpreter -----------
 
+FUSED_CASES = [
+    ((2, 32, 7, 9), 4, "float32", False),
+    ((2, 32, 7, 9), 4, "float32", True),
+    ((1, 16, 1, 1), 4, "float32", False),
+    ((3, 12, 2, 3), 12, "float32", False),
+    ((2, 16, 5, 5), 1, "bfloat16", False),
+    ((1, 40, 23, 30), 2, "float16", False),  # several tiles per map, a partial channel tile
+]
 
-@pytest.fixture
-def triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Run the Triton kernel in Triton's CPU interpreter (where no GPU runs it for real)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("the CUDA tests run the kernel for real")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    gpu._kernel.cache_clear()  # the interpreter is chosen when the kernel is decorated
-    yield
-    gpu._kernel.cache_clear()
+INTERPRETED = """
+import json, sys
+import torch
+from block_helpers import random_block
+from ulsam_inject.block import gpu
+from ulsam_inject.block.inference import fold_sources, folded
 
-
-@pytest.mark.usefixtures("triton_interpreter")
-@pytest.mark.parametrize(
-    ("shape", "groups", "dtype", "channels_last"),
-    [
-        ((2, 32, 7, 9), 4, torch.float32, False),
-        ((2, 32, 7, 9), 4, torch.float32, True),
-        ((1, 16, 1, 1), 4, torch.float32, False),
-        ((3, 12, 2, 3), 12, torch.float32, False),
-        ((2, 16, 5, 5), 1, torch.bfloat16, False),
-        ((1, 8, 23, 30), 2, torch.float16, False),  # several tiles per map
-    ],
-)
-def test_fused_kernel_equals_plain(
-    shape: tuple[int, int, int, int], groups: int, dtype: torch.dtype, channels_last: bool
-) -> None:
+errors = []
+for shape, groups, dtype, channels_last in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
     for seed in range(2):
         block = random_block(shape[1], groups, seed=seed).eval().to(dtype)
         torch.manual_seed(seed)
@@ -157,9 +153,38 @@ def test_fused_kernel_equals_plain(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             out = gpu.gpu_inference_forward(x, folded(block, fold_sources(block)))
-            expected = block.double().forward_plain(x.double())
-        assert out.dtype == dtype and out.shape == x.shape
-        assert relative_error(out, expected) <= TOLERANCE[dtype] / 10
+            exact = block.double().forward_plain(x.double())
+        error = float((out.double() - exact).norm() / exact.norm())
+        errors.append([str(out.dtype), list(out.shape), error])
+print(json.dumps(errors))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> list[list[object]]:
+    """The Triton kernel run by Triton's CPU interpreter, in a fresh process: the
+    interpreter must be chosen before Triton's own library functions are first imported."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA tests run the kernel for real")
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parents[1])])
+    done = subprocess.run(
+        [sys.executable, "-c", INTERPRETED, json.dumps(FUSED_CASES)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found: list[list[object]] = json.loads(done.stdout)
+    return found
+
+
+@pytest.mark.parametrize("case", range(len(FUSED_CASES)))
+def test_fused_kernel_equals_plain(interpreted: list[list[object]], case: int) -> None:
+    shape, _, dtype, _ = FUSED_CASES[case]
+    for dtype_found, shape_found, error in interpreted[2 * case : 2 * case + 2]:
+        assert dtype_found == f"torch.{dtype}" and shape_found == list(shape)
+        assert isinstance(error, float) and error <= TOLERANCE[getattr(torch, dtype)] / 10
 
 
 # -- half precision, autocast, layouts, meta -------------------------------------------------
@@ -251,8 +276,9 @@ def test_cuda_matches_cpu(train: bool, dtype: torch.dtype) -> None:
             assert path_of(gpu_block, gpu_x) is BlockPath.CUDA_FUSED
             out = gpu_block(gpu_x)
             assert out.dtype == dtype
-            assert relative_error(out, on_cpu["out"]) <= TOLERANCE[dtype]
-    # TF32 may run float32 convolutions on CUDA: held to half precision's bound.
+            error = relative_error(out, on_cpu["out"])
+            assert error <= TOLERANCE[dtype] / 10, f"eval output: error {error:.3g}"
+    # cuDNN runs float32 convolutions in TF32 by default (10-bit mantissa, like float16).
     tol = TOLERANCE[torch.float16] if dtype == torch.float32 else TOLERANCE[dtype]
     assert_grads_match(grads(gpu_block, gpu_x, call), on_cpu, tol, train)
 

@@ -75,7 +75,7 @@ def test_retrofitted_mobilenet_against_its_original() -> None:
 def test_runs_are_interleaved_after_warmup_with_the_batch_asked_for() -> None:
     log: list[tuple[str, tuple[int, ...]]] = []
     a, b = Recorder("a", log), Recorder("b", log)
-    measure_latency(a, b, SIZE, batch=3, warmup=2, repeats=4)
+    measure_latency(a, b, SIZE, batch=3, device="cpu", warmup=2, repeats=4)  # not a copy
     assert all(shape == (3, *SIZE) for _, shape in log)
     order = "".join(label for label, _ in log)
     assert order == "abab" + "ab" + "ba" + "ab" + "ba"
