@@ -129,10 +129,11 @@ def test_dispatch_modes_are_detected() -> None:
 FUSED_CASES = [
     ((2, 32, 7, 9), 4, "float32", False),
     ((2, 32, 7, 9), 4, "float32", True),
+    ((2, 36, 5, 5), 3, "float32", False),  # channel tiles of 16 with 12 live
     ((1, 16, 1, 1), 4, "float32", False),
     ((3, 12, 2, 3), 12, "float32", False),
     ((2, 16, 5, 5), 1, "bfloat16", False),
-    ((1, 40, 23, 30), 2, "float16", False),  # several tiles per map, a partial channel tile
+    ((1, 40, 12, 13), 2, "float16", False),  # a wide map: one channel at a time, 3 tiles
 ]
 
 INTERPRETED = """
@@ -262,13 +263,19 @@ def test_meta_device_forward_and_backward(train: bool) -> None:
 # -- CUDA (skipped without a GPU) ----------------------------------------------------------
 
 
+CUDA_SANITY = {torch.float32: 0.03, torch.float16: 0.1, torch.bfloat16: 0.3}
+"""Bounds on the relative error of CUDA gradients against float64: a sanity check on
+PyTorch's own fp16/bf16/TF32 kernels, which the block's CUDA training path is. Seen on an
+H200 (torch 2.11): fp16 0.054 (a conv bias), bf16 0.222 (a BatchNorm bias)."""
+
+
 @cuda
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_matches_cpu(train: bool, dtype: torch.dtype) -> None:
     block = random_block(64, 4, seed=5).train(train)
     x = torch.randn(8, 64, 14, 14)
-    on_cpu = grads(copy.deepcopy(block).double(), x.double(), call)
+    exact = grads(copy.deepcopy(block).double(), x.double(), call)
     gpu_block = block.cuda().to(dtype)
     gpu_x = x.cuda().to(dtype)
     if not train:
@@ -276,17 +283,18 @@ def test_cuda_matches_cpu(train: bool, dtype: torch.dtype) -> None:
             assert path_of(gpu_block, gpu_x) is BlockPath.CUDA_FUSED
             out = gpu_block(gpu_x)
             assert out.dtype == dtype
-            error = relative_error(out, on_cpu["out"])
+            error = relative_error(out, exact["out"])
             assert error <= TOLERANCE[dtype] / 10, f"eval output: error {error:.3g}"
-    # cuDNN runs float32 convolutions in TF32 by default (10-bit mantissa, like float16).
-    tol = TOLERANCE[torch.float16] if dtype == torch.float32 else TOLERANCE[dtype]
-    assert_grads_match(grads(gpu_block, gpu_x, call), on_cpu, tol, train)
+    found = grads(gpu_block, gpu_x, call)
+    plain = grads(copy.deepcopy(gpu_block), gpu_x, lambda b, inp: b.forward_plain(inp))
+    assert_grads_match(found, plain, 1e-6, train)  # the default path is the plain ops here
+    assert_grads_match(found, exact, CUDA_SANITY[dtype], train)
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("train", [False, True])
-def test_cuda_autocast_matches_float32(dtype: torch.dtype, train: bool) -> None:
+def test_cuda_autocast_matches_float64(dtype: torch.dtype, train: bool) -> None:
     block = random_block(64, 4, seed=6).train(train)
     x = torch.randn(8, 64, 14, 14)
     exact = grads(copy.deepcopy(block).double(), x.double(), call)
@@ -295,7 +303,8 @@ def test_cuda_autocast_matches_float32(dtype: torch.dtype, train: bool) -> None:
         with torch.autocast("cuda", dtype=dtype):
             return call(b, inp)
 
-    assert_grads_match(grads(block.cuda(), x.cuda(), autocast), exact, TOLERANCE[dtype], train)
+    found = grads(block.cuda(), x.cuda(), autocast)
+    assert_grads_match(found, exact, CUDA_SANITY[dtype], train)
 
 
 @cuda

@@ -88,16 +88,26 @@ TILE = 2048
 """Elements of a program's (channels, positions) tile: 16 float32 registers a thread at
 Triton's default 4 warps."""
 
+WIDE_MAP = 128
+"""From this many positions on, a program takes one channel at a time over up to 1024
+positions; below it, as many channels as fill :data:`TILE`. Measured on an H200
+(benchmarks/bench_cuda.py, relative to SE in the same run): channel tiles took
+128x1280x7x7 from 2.21x to 1.07x SE, but 256x144x56x56 from 2.2x to 6.4x and bf16
+128x512x14x14 from 1.80x to 2.12x."""
+
 
 def tile_shape(positions: int, width: int, pairs: int) -> tuple[int, int]:
-    """(channels, positions) per program: the whole map where it is small (at most 256
-    positions), smaller position tiles while fewer than 256 programs would run, and as many
-    channels as fill the tile."""
-    block = min(256, 1 << max(4, (positions - 1).bit_length()))
+    """(channels, positions) per program for a map of ``positions`` H*W positions, groups of
+    ``width`` channels and ``pairs`` (sample, group) pairs: smaller position tiles while
+    fewer than 512 programs would run (a wide map) or 256 (a narrow one)."""
+    block = 1 << max(5, (positions - 1).bit_length())
+    if positions >= WIDE_MAP:
+        while block > 64 and pairs * -(-positions // block) < 512:
+            block //= 2
+        return 1, min(block, 1024)
     while block > 32 and pairs * -(-positions // block) < 256:
         block //= 2
-    channels = min(1 << max(0, (width - 1).bit_length()), max(1, TILE // block))
-    return channels, block
+    return min(1 << max(0, (width - 1).bit_length()), TILE // block), block
 
 
 def attention_logits(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
