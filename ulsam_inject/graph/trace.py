@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from ulsam_inject.block.module import ULSAM
-from ulsam_inject.errors import InputSizeError, ShapeError, TraceError
+from ulsam_inject.errors import InputSizeError, ShapeError, TraceError, describe
 
 MAX_LEAF_RETRIES = 400
 STRUCTURE = "_ulsam_inject_structure"
@@ -115,7 +115,7 @@ class ScopeTracer(fx.Tracer):
             # The innermost non-leaf module sees the error first: that is the one to leaf.
             if self.failed_path is None and not self.is_leaf_module(m, path):
                 self.failed_path = path
-                self.failure = _one_line(error)
+                self.failure = describe(error, limit=280, sentence=False)
             raise
         finally:
             self.path_stack.pop()
@@ -169,12 +169,6 @@ class ScopeTracer(fx.Tracer):
             if node.op == "output":
                 node.meta[STRUCTURE] = dict(recorded["leaves"])
         return node
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(error).__name__}: {first}"[:300]
 
 
 def trace_model(
@@ -299,7 +293,8 @@ def _trace_in_mode(
                 if tracer.failed_path is None or tracer.failed_path in leaves:
                     raise TraceError(
                         f"cannot trace {type(model).__name__} with torch.fx: its own forward "
-                        f"failed ({_one_line(error)}); only submodules can be made leaves"
+                        f"failed ({describe(error, limit=280, sentence=False)}); only "
+                        f"submodules can be made leaves"
                     ) from error
                 leaves[tracer.failed_path] = tracer.failure
     finally:
@@ -461,7 +456,7 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
                 _RUNNERS[method](graph_module, input_size)
                 return method
             except Exception as error:
-                errors.append(f"{method}: {_one_line(error)}")
+                errors.append(f"{method}: {describe(error, limit=280, sentence=False)}")
     message = (
         f"could not run the traced model on a 1x{'x'.join(map(str, input_size))} input "
         f"({errors[-1]})"

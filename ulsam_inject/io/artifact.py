@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ulsam_inject.errors import ArtifactError, CheckpointError
+from ulsam_inject.errors import ArtifactError, CheckpointError, describe
 from ulsam_inject.io.fileio import atomic_write
 from ulsam_inject.surgery.inject import Retrofit, inject
 
@@ -281,8 +281,8 @@ def capture_program(retrofit: Retrofit) -> torch.export.ExportedProgram:
         return torch.export.export(model, (example,))
     except Exception as error:
         raise ArtifactError(
-            f"torch.export could not capture the model: {type(error).__name__}: "
-            f"{_first_line(error)}"
+            f"torch.export could not capture the model: "
+            f"{describe(error, limit=200, sentence=False)}"
         ) from error
     finally:
         for module, flag in flags:
@@ -302,9 +302,3 @@ def write_program(
         torch.export.save(program, tmp)
 
     return atomic_write(Path(path), write, force=force, protect=protect)
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

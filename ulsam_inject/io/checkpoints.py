@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulsam_inject.errors import CheckpointError
+from ulsam_inject.errors import CheckpointError, describe, first_line
 
 __all__ = ["EMA_KEYS", "MODEL_KEYS", "load_state_dict_into", "read_state_dict"]
 
@@ -136,9 +136,7 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         with torch.no_grad():
             for key, tensor in model.state_dict().items():
                 tensor.copy_(backup[key])
-        raise CheckpointError(
-            f"checkpoint does not fit the model: {type(error).__name__}: {_first_line(error)}"
-        ) from error
+        raise CheckpointError(f"checkpoint does not fit the model: {describe(error)}") from error
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -176,7 +174,7 @@ def _load_safetensors(target: Path) -> dict[str, torch.Tensor]:
         return load_file(str(target), device="cpu")
     except Exception as error:
         raise CheckpointError(
-            f"checkpoint {target} is a truncated or corrupt safetensors file ({_first_line(error)})"
+            f"checkpoint {target} is a truncated or corrupt safetensors file ({first_line(error)})"
         ) from None
 
 
@@ -212,12 +210,11 @@ def _load_torch(target: Path, trust: bool) -> Any:
     except (ImportError, AttributeError) as error:
         raise CheckpointError(
             f"trusted checkpoint {target} needs code that cannot be imported here "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"({describe(error)})"
         ) from None
     except Exception as error:
         raise CheckpointError(
-            f"trusted checkpoint {target} could not be unpickled "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"trusted checkpoint {target} could not be unpickled ({describe(error)})"
         ) from None
 
 
@@ -291,11 +288,4 @@ def _torch_error(error: BaseException) -> str:
         detail = text.split(marker, 1)[1].strip().splitlines()
         if detail:
             return f"{type(error).__name__}: {detail[0].strip()[:160]}"
-    return f"{type(error).__name__}: {_first_line(error)}"
-
-
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # First sentence of the first line: torch's messages go on for paragraphs.
-    text = lines[0].split(". ")[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{describe(error)}"
