@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ulsam_inject.errors import ArtifactError, CheckpointError, describe
-from ulsam_inject.io.fileio import atomic_write
+from ulsam_inject.io.fileio import atomic_write, check_input_file, read_safetensors_header
 from ulsam_inject.surgery.inject import Retrofit, inject
 
 FORMAT = "ulsam-inject/1"
@@ -108,7 +108,12 @@ def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     from ulsam_inject.io.checkpoints import read_state_dict
 
     target = Path(path)
-    _check_file(target)
+    check_input_file(
+        target,
+        kind="retrofitted-model file",
+        expected="a file written by 'ulsam-inject inject --out'",
+        error=ArtifactError,
+    )
     text = _safetensors_recipe(target)
     if text is None:
         text, state = _torch_recipe(target)
@@ -165,41 +170,15 @@ def load(path: str | Path) -> Retrofit:
     return retrofit
 
 
-def _check_file(path: Path) -> None:
-    """Missing, folder, empty: told plainly before any format is guessed."""
-    if not path.exists():
-        raise ArtifactError(f"retrofitted-model file {path} does not exist")
-    if path.is_dir():
-        raise ArtifactError(
-            f"{path} is a directory, expected a file written by 'ulsam-inject inject --out'"
-        )
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        raise ArtifactError(f"cannot read {path}: {error.strerror}") from None
-    if size == 0:
-        raise ArtifactError(f"retrofitted-model file {path} is empty (0 bytes)")
-
-
 def _safetensors_recipe(path: Path) -> str | None:
     """The recipe in a safetensors header, or None when ``path`` is not safetensors."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return None
-            size = int.from_bytes(head, "little")
-            if size <= 0 or size > 100_000_000:
-                return None
-            header = handle.read(size)
+        header = read_safetensors_header(path)
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror}") from None
-    if not header.startswith(b"{"):
+    if header is None:
         return None
-    try:
-        meta = json.loads(header).get("__metadata__") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    meta = header.get("__metadata__") or {}
     text = meta.get(RECIPE_KEY)
     if text is None:
         raise ArtifactError(
