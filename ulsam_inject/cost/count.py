@@ -3,7 +3,7 @@
 :func:`count` walks the traced graph once, in execution order, and prices each node with
 the rule for its op from :mod:`ulsam_inject.cost.rules` (the rule table and its conventions
 are documented there). It needs shapes, not values: the node outputs recorded by
-:func:`ulsam_inject.graph.trace.propagate_shapes` are meta tensors, so no arithmetic runs, and a
+:func:`ulsam_inject.graph.shapes.propagate_shapes` are meta tensors, so no arithmetic runs, and a
 384x384 RegNet-Y 128GF counts in seconds.
 
 Units:
@@ -48,19 +48,19 @@ from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost import rules as cost_rules
 from ulsam_inject.cost.rules import NoRule, moves_data, nbytes, tensors
 from ulsam_inject.errors import InputSizeError, UlsamUsageError
-from ulsam_inject.graph.stages import Stage
-from ulsam_inject.graph.trace import (
-    MAX_LEAF_RETRIES,
-    ScopeTracer,
+from ulsam_inject.graph.modes import eval_mode
+from ulsam_inject.graph.shapes import (
+    DEFAULT_INPUT_SIZE,
     ShapeRecorder,
-    Traced,
     check_input_size,
-    eval_mode,
     propagate_shapes,
-    trace_model,
 )
+from ulsam_inject.graph.stages import Stage
+from ulsam_inject.graph.trace import MAX_LEAF_RETRIES, ScopeTracer, Traced, trace_model
 
-DEFAULT_INPUT_SIZE = (3, 224, 224)
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (ULSAM,)
+"""The library's blocks: traced as one call each (graph/ is told so, it never imports
+block/), priced by their own rule, and never part of a stage (surgery/ passes them on)."""
 MAX_OPEN_DEPTH = 4
 """How deep leaves inside opened leaves are opened in turn."""
 
@@ -313,7 +313,7 @@ def count(model: nn.Module | Traced, input_size: tuple[int, int, int] | None = N
     else:
         size = DEFAULT_INPUT_SIZE if input_size is None else input_size
         check_input_size(size)
-        traced = trace_model(model, (size[0], size[1], size[2]))
+        traced = trace_model(model, (size[0], size[1], size[2]), leaf_types=BLOCK_TYPES)
         owner = model
     per_node = tuple(_price_graph(traced.graph_module, depth=0))
     parameters = list(owner.parameters())
@@ -411,7 +411,7 @@ def _price_call(
         except NoRule:
             pass
     kwargs = dict(fx.node.map_arg(node.kwargs, _value))
-    if module is not None and not isinstance(module, ULSAM) and depth < MAX_OPEN_DEPTH:
+    if module is not None and not isinstance(module, BLOCK_TYPES) and depth < MAX_OPEN_DEPTH:
         opened = _open_module(module, inputs, kwargs, depth + 1)
         if opened is not None:
             return opened
@@ -509,7 +509,7 @@ def _trace_leaf(
     """Trace symbolically (failing submodules made leaves), else with concrete shapes."""
     leaves: set[str] = set()
     for _ in range(MAX_LEAF_RETRIES):
-        tracer = ScopeTracer(leaves)
+        tracer = ScopeTracer(leaves, BLOCK_TYPES)
         try:
             return tracer.trace(module, concrete_args=concrete)
         except Exception:
@@ -528,7 +528,7 @@ def _trace_leaf(
         allow_insert_stateless_mods = False
 
         def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-            return isinstance(m, ULSAM) or super().is_leaf_module(m, module_qualified_name)
+            return isinstance(m, BLOCK_TYPES) or super().is_leaf_module(m, module_qualified_name)
 
     metas = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
     try:

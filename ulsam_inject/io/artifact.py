@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ulsam_inject.errors import ArtifactError, CheckpointError, describe
+from ulsam_inject.graph.modes import eval_mode
 from ulsam_inject.io.fileio import atomic_write, check_input_file, read_safetensors_header
 from ulsam_inject.surgery.inject import Retrofit, inject
 
@@ -252,20 +253,16 @@ def capture_program(retrofit: Retrofit) -> torch.export.ExportedProgram:
     The model's train/eval flags are restored afterwards.
     """
     model = retrofit.model
-    flags = [(m, m.training) for m in model.modules()]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     example = torch.randn(1, *retrofit.input_size, dtype=dtype)
     try:
-        model.eval()
-        return torch.export.export(model, (example,))
+        with eval_mode(model):
+            return torch.export.export(model, (example,))
     except Exception as error:
         raise ArtifactError(
             f"torch.export could not capture the model: "
             f"{describe(error, limit=200, sentence=False)}"
         ) from error
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def write_program(

@@ -36,6 +36,7 @@ from ulsam_inject.errors import (
     describe,
     did_you_mean,
 )
+from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE
 from ulsam_inject.io.hub import hub_fetch
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 ZOOS = ("torchvision", "timm", "callable")
-DEFAULT_INPUT_SIZE: tuple[int, int, int] = (3, 224, 224)
 
 _VALID_SPECS = "'torchvision:NAME', 'timm:NAME' or 'package.module:callable'"
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")

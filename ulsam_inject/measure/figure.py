@@ -14,10 +14,11 @@ from torch import nn
 
 from ulsam_inject.cost.count import count
 from ulsam_inject.errors import MissingDependencyError, OutputError
-from ulsam_inject.graph.trace import Traced, trace_model
+from ulsam_inject.graph.trace import Traced
 from ulsam_inject.io.fileio import atomic_write, check_output_path
 from ulsam_inject.measure.profile import node_latencies
 from ulsam_inject.surgery.inject import Retrofit
+from ulsam_inject.surgery.seeing import trace_model
 
 FORMATS = (".png", ".svg")
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
 from ulsam_inject.errors import PositionError, did_you_mean
+from ulsam_inject.graph.shapes import node_shape
 from ulsam_inject.graph.stages import Stage
-from ulsam_inject.graph.trace import Traced, node_shape
+from ulsam_inject.graph.trace import Traced
 
 PositionSpec = int | str | Sequence[int | str]
 
