@@ -33,8 +33,9 @@ in :attr:`Cost.uncounted`.
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -63,10 +64,38 @@ BLOCK_TYPES: tuple[type[nn.Module], ...] = (ULSAM,)
 block/), priced by their own rule, and never part of a stage (surgery/ passes them on)."""
 MAX_OPEN_DEPTH = 4
 """How deep leaves inside opened leaves are opened in turn."""
+TOTAL_KEYS = (
+    "params",
+    "trainable_params",
+    "macs",
+    "flops",
+    "other_ops",
+    "bytes_read",
+    "bytes_written",
+)
+"""A whole model's totals, as :meth:`Cost.summary` gives them (and the report shows)."""
+
+
+class _Derived:
+    """What follows from the counted fields, defined once for every cost record."""
+
+    macs: int
+    bytes_read: int
+    bytes_written: int
+
+    @property
+    def flops(self) -> int:
+        """2 x MACs."""
+        return 2 * self.macs
+
+    @property
+    def bytes(self) -> int:
+        """Bytes read plus bytes written."""
+        return self.bytes_read + self.bytes_written
 
 
 @dataclass(frozen=True)
-class NodeCost:
+class NodeCost(_Derived):
     """The cost of one fx node.
 
     ``target`` names what was called: a module class (``Conv2d``), a function
@@ -92,14 +121,9 @@ class NodeCost:
     uncounted: tuple[str, ...] = ()
     uncounted_macs: tuple[str, ...] = ()
 
-    @property
-    def flops(self) -> int:
-        """2 x MACs."""
-        return 2 * self.macs
-
 
 @dataclass(frozen=True)
-class Totals:
+class Totals(_Derived):
     """Summed costs of some nodes (a stage) or of a whole model.
 
     Totals add up (``a + b``) and subtract (``after - before``, a delta).
@@ -117,39 +141,25 @@ class Totals:
     bytes_written: int
     uncounted: tuple[str, ...] = ()
 
-    @property
-    def flops(self) -> int:
-        """2 x MACs."""
-        return 2 * self.macs
-
-    @property
-    def bytes(self) -> int:
-        """Bytes read plus bytes written."""
-        return self.bytes_read + self.bytes_written
-
     def __add__(self, other: Totals) -> Totals:
-        return Totals(
-            self.params + other.params,
-            self.macs + other.macs,
-            self.other_ops + other.other_ops,
-            self.bytes_read + other.bytes_read,
-            self.bytes_written + other.bytes_written,
-            _union(self.uncounted, other.uncounted),
-        )
+        return self._combine(other, operator.add)
 
     def __sub__(self, other: Totals) -> Totals:
+        return self._combine(other, operator.sub)
+
+    def _combine(self, other: Totals, op: Callable[[int, int], int]) -> Totals:
         return Totals(
-            self.params - other.params,
-            self.macs - other.macs,
-            self.other_ops - other.other_ops,
-            self.bytes_read - other.bytes_read,
-            self.bytes_written - other.bytes_written,
+            op(self.params, other.params),
+            op(self.macs, other.macs),
+            op(self.other_ops, other.other_ops),
+            op(self.bytes_read, other.bytes_read),
+            op(self.bytes_written, other.bytes_written),
             _union(self.uncounted, other.uncounted),
         )
 
 
 @dataclass(frozen=True)
-class Cost:
+class Cost(_Derived):
     """The cost of a model at one input size, in total and per fx node.
 
     ``params``, ``trainable_params`` and ``buffers`` (buffer elements) are counted from
@@ -177,15 +187,9 @@ class Cost:
     uncounted_macs: tuple[str, ...]
     per_node: tuple[NodeCost, ...]
 
-    @property
-    def flops(self) -> int:
-        """2 x MACs."""
-        return 2 * self.macs
-
-    @property
-    def bytes(self) -> int:
-        """Bytes read plus bytes written."""
-        return self.bytes_read + self.bytes_written
+    def summary(self) -> dict[str, int]:
+        """The whole model's :data:`TOTAL_KEYS`, by name (the report's before and after)."""
+        return {key: getattr(self, key) for key in TOTAL_KEYS}
 
     def totals(self) -> Totals:
         """The whole model's costs as :class:`Totals` (to subtract one model from another)."""
