@@ -12,14 +12,15 @@ from ulsam_inject import errors
 from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.errors import UlsamError, UlsamUsageError
-from ulsam_inject.graph.stages import Stage, find_stages
-from ulsam_inject.graph.trace import Traced, trace_model
+from ulsam_inject.graph.stages import Stage
+from ulsam_inject.graph.trace import Traced
 from ulsam_inject.io.artifact import export_program, load, save
 from ulsam_inject.measure.bench import LatencyReport, measure_latency
 from ulsam_inject.surgery.inject import Retrofit, inject
 from ulsam_inject.surgery.plan import Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import resolve_positions
 from ulsam_inject.surgery.report import Report
+from ulsam_inject.surgery.seeing import find_stages, trace_model
 
 __all__ = [
     "ULSAM",

@@ -8,6 +8,9 @@ code 2 and everything else to exit code 1. Messages say what was given and what 
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class UlsamError(Exception):
     """Base class of every error raised on purpose by ulsam_inject."""
@@ -75,3 +78,39 @@ class TraceError(UlsamError):
 
 class ShapeError(UlsamError):
     """Shapes could not be propagated through the traced model."""
+
+
+def first_line(error: BaseException, *, limit: int | None = 160, sentence: bool = True) -> str:
+    """The gist of ``error``'s message, for a one-line error of our own.
+
+    The first non-empty line, and of it only the first sentence when ``sentence`` is true
+    (torch's messages go on for paragraphs), cut to ``limit`` characters with ``...``;
+    the exception's type name when the message is empty.
+
+    Example:
+        >>> first_line(ValueError("bad shape. More on this.\\nTraceback"))
+        'bad shape'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[0].split(". ")[0] if sentence else lines[0]
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..."
+
+
+def describe(error: BaseException, *, limit: int | None = 160, sentence: bool = True) -> str:
+    """``"TypeName: first line"``: what went wrong inside, for a message that wraps it."""
+    return f"{type(error).__name__}: {first_line(error, limit=limit, sentence=sentence)}"
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """``"did you mean a, b?"`` with the candidates closest to ``name``, or ``""`` if none is.
+
+    Example:
+        >>> did_you_mean("mobilenet_v3", ["mobilenet_v2", "resnet18"])
+        'did you mean mobilenet_v2?'
+    """
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else ""

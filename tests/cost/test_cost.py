@@ -12,11 +12,9 @@ from hypothesis import strategies as st
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ulsam_inject import ULSAM
+from ulsam_inject import ULSAM, find_stages, trace_model
 from ulsam_inject.cost.count import Cost, Totals, count
 from ulsam_inject.errors import InputSizeError, UlsamUsageError
-from ulsam_inject.graph.stages import find_stages
-from ulsam_inject.graph.trace import trace_model
 
 SPREAD = [
     "mobilenet_v2",

@@ -17,6 +17,7 @@ import ulsam_inject.measure.figure as figure_module
 from ulsam_inject import Retrofit, inject
 from ulsam_inject.errors import MissingDependencyError, OutputError
 from ulsam_inject.measure.figure import plot_retrofit, stage_breakdown
+from ulsam_inject.surgery.report import human
 
 pytest.importorskip("matplotlib")
 
@@ -201,4 +202,4 @@ def test_plotting_changes_neither_model(
     [(0, "0"), (999, "999"), (37632, "37.6K"), (-22654464, "-22.7M"), (999_600, "1.00M")],
 )
 def test_short_numbers_in_labels(value: int, text: str) -> None:
-    assert figure_module._short(value) == text
+    assert human(value, significant=True) == text

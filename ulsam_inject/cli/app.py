@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from ulsam_inject.errors import UlsamError
+from ulsam_inject.errors import UlsamError, first_line
 
 from . import bench, count, inject, stages
 from .common import err_console
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"error: {error.format_message()}", exit_code)  # type: ignore[attr-defined]
         if debug:
             traceback.print_exc()
-        message = str(error).strip().splitlines()
-        first = message[0] if message else ""
+        first = first_line(error, limit=None, sentence=False) if str(error).strip() else ""
         _fail(
             f"error: unexpected {type(error).__name__}: {first} (run with --debug for details)", 1
         )

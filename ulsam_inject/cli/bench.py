@@ -11,6 +11,7 @@ from rich.table import Table
 from ulsam_inject.errors import UlsamUsageError
 from ulsam_inject.measure.bench import LatencyReport, measure_latency
 from ulsam_inject.surgery.inject import inject as inject_model
+from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE
 
 from .common import (
     MODEL_HELP,
@@ -53,8 +54,8 @@ def bench(
 ) -> None:
     """Time the original and the retrofitted model, interleaved, after a warm-up."""
     # Malformed options fail before the model is built.
-    groups_value = per_position(groups, 4, what="groups", as_int=True)
-    mode_value = per_position(mode, "after", what="mode", as_int=False)
+    groups_value = per_position(groups, DEFAULT_GROUPS, what="groups", as_int=True)
+    mode_value = per_position(mode, DEFAULT_MODE, what="mode", as_int=False)
     loaded = load_model(
         model,
         checkpoint=checkpoint,

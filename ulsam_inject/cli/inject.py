@@ -12,6 +12,7 @@ from ulsam_inject.errors import UlsamUsageError
 from ulsam_inject.io.fileio import check_output_path
 from ulsam_inject.surgery.inject import Retrofit
 from ulsam_inject.surgery.inject import inject as inject_model
+from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE
 from ulsam_inject.surgery.report import render_report
 
 from .common import (
@@ -40,7 +41,7 @@ def inject(
         help="Positions: 13, -1, 12-15, features.13, 'features.1*', all; comma-separated.",
     ),
     groups: list[str] | None = typer.Option(
-        None, "--groups", "-g", help="g (default 4), or POSITION=g; repeatable."
+        None, "--groups", "-g", help=f"g (default {DEFAULT_GROUPS}), or POSITION=g; repeatable."
     ),
     mode: list[str] | None = typer.Option(
         None, "--mode", "-m", help="after (default) or replace, or POSITION=MODE; repeatable."
@@ -72,8 +73,8 @@ def inject(
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise UlsamUsageError("--out, --export and --plot must name different files")
     # Malformed options and outputs that cannot be written fail before any heavy work.
-    groups_value = per_position(groups, 4, what="groups", as_int=True)
-    mode_value = per_position(mode, "after", what="mode", as_int=False)
+    groups_value = per_position(groups, DEFAULT_GROUPS, what="groups", as_int=True)
+    mode_value = per_position(mode, DEFAULT_MODE, what="mode", as_int=False)
     if plot is not None:
         _check_plot(plot)
     for path in outputs:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ulsam_inject.errors import GroupsError, PositionError
+from ulsam_inject.errors import PositionError
+from ulsam_inject.surgery.plan import check_groups, check_mode
 
 
 def per_position(values: list[str] | None, default: Any, *, what: str, as_int: bool) -> Any:
@@ -29,14 +30,12 @@ def per_position(values: list[str] | None, default: Any, *, what: str, as_int: b
 
 
 def _parse(value: str, what: str, raw: str, as_int: bool) -> Any:
+    # The plan checks the same way; checking here fails before the model is built.
+    where = f"in --{what} {raw!r}"
     if not as_int:
-        if value not in ("after", "replace"):
-            raise PositionError(f"--{what} {raw!r}: mode must be 'after' or 'replace'")
-        return value
+        return check_mode(value, where)
     try:
-        number = int(value)
+        number: object = int(value)
     except ValueError:
-        raise GroupsError(f"--{what} {raw!r}: g must be a positive integer, e.g. 4") from None
-    if number < 1:
-        raise GroupsError(f"--{what} {raw!r}: g must be a positive integer, e.g. 4")
-    return number
+        number = value
+    return check_groups(number, where)

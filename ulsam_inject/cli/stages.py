@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ulsam_inject.graph.stages import find_stages
-from ulsam_inject.graph.trace import trace_model
+from ulsam_inject.surgery.seeing import find_stages, trace_model
 
 from .common import (
     MODEL_HELP,

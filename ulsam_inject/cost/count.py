@@ -3,7 +3,7 @@
 :func:`count` walks the traced graph once, in execution order, and prices each node with
 the rule for its op from :mod:`ulsam_inject.cost.rules` (the rule table and its conventions
 are documented there). It needs shapes, not values: the node outputs recorded by
-:func:`ulsam_inject.graph.trace.propagate_shapes` are meta tensors, so no arithmetic runs, and a
+:func:`ulsam_inject.graph.shapes.propagate_shapes` are meta tensors, so no arithmetic runs, and a
 384x384 RegNet-Y 128GF counts in seconds.
 
 Units:
@@ -33,8 +33,9 @@ in :attr:`Cost.uncounted`.
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -48,25 +49,53 @@ from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost import rules as cost_rules
 from ulsam_inject.cost.rules import NoRule, moves_data, nbytes, tensors
 from ulsam_inject.errors import InputSizeError, UlsamUsageError
-from ulsam_inject.graph.stages import Stage
-from ulsam_inject.graph.trace import (
-    MAX_LEAF_RETRIES,
-    ScopeTracer,
+from ulsam_inject.graph.modes import eval_mode
+from ulsam_inject.graph.shapes import (
+    DEFAULT_INPUT_SIZE,
     ShapeRecorder,
-    Traced,
     check_input_size,
-    eval_mode,
     propagate_shapes,
-    trace_model,
 )
+from ulsam_inject.graph.stages import Stage
+from ulsam_inject.graph.trace import MAX_LEAF_RETRIES, ScopeTracer, Traced, trace_model
 
-DEFAULT_INPUT_SIZE = (3, 224, 224)
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (ULSAM,)
+"""The library's blocks: traced as one call each (graph/ is told so, it never imports
+block/), priced by their own rule, and never part of a stage (surgery/ passes them on)."""
 MAX_OPEN_DEPTH = 4
 """How deep leaves inside opened leaves are opened in turn."""
+TOTAL_KEYS = (
+    "params",
+    "trainable_params",
+    "macs",
+    "flops",
+    "other_ops",
+    "bytes_read",
+    "bytes_written",
+)
+"""A whole model's totals, as :meth:`Cost.summary` gives them (and the report shows)."""
+
+
+class _Derived:
+    """What follows from the counted fields, defined once for every cost record."""
+
+    macs: int
+    bytes_read: int
+    bytes_written: int
+
+    @property
+    def flops(self) -> int:
+        """2 x MACs."""
+        return 2 * self.macs
+
+    @property
+    def bytes(self) -> int:
+        """Bytes read plus bytes written."""
+        return self.bytes_read + self.bytes_written
 
 
 @dataclass(frozen=True)
-class NodeCost:
+class NodeCost(_Derived):
     """The cost of one fx node.
 
     ``target`` names what was called: a module class (``Conv2d``), a function
@@ -92,14 +121,9 @@ class NodeCost:
     uncounted: tuple[str, ...] = ()
     uncounted_macs: tuple[str, ...] = ()
 
-    @property
-    def flops(self) -> int:
-        """2 x MACs."""
-        return 2 * self.macs
-
 
 @dataclass(frozen=True)
-class Totals:
+class Totals(_Derived):
     """Summed costs of some nodes (a stage) or of a whole model.
 
     Totals add up (``a + b``) and subtract (``after - before``, a delta).
@@ -117,39 +141,25 @@ class Totals:
     bytes_written: int
     uncounted: tuple[str, ...] = ()
 
-    @property
-    def flops(self) -> int:
-        """2 x MACs."""
-        return 2 * self.macs
-
-    @property
-    def bytes(self) -> int:
-        """Bytes read plus bytes written."""
-        return self.bytes_read + self.bytes_written
-
     def __add__(self, other: Totals) -> Totals:
-        return Totals(
-            self.params + other.params,
-            self.macs + other.macs,
-            self.other_ops + other.other_ops,
-            self.bytes_read + other.bytes_read,
-            self.bytes_written + other.bytes_written,
-            _union(self.uncounted, other.uncounted),
-        )
+        return self._combine(other, operator.add)
 
     def __sub__(self, other: Totals) -> Totals:
+        return self._combine(other, operator.sub)
+
+    def _combine(self, other: Totals, op: Callable[[int, int], int]) -> Totals:
         return Totals(
-            self.params - other.params,
-            self.macs - other.macs,
-            self.other_ops - other.other_ops,
-            self.bytes_read - other.bytes_read,
-            self.bytes_written - other.bytes_written,
+            op(self.params, other.params),
+            op(self.macs, other.macs),
+            op(self.other_ops, other.other_ops),
+            op(self.bytes_read, other.bytes_read),
+            op(self.bytes_written, other.bytes_written),
             _union(self.uncounted, other.uncounted),
         )
 
 
 @dataclass(frozen=True)
-class Cost:
+class Cost(_Derived):
     """The cost of a model at one input size, in total and per fx node.
 
     ``params``, ``trainable_params`` and ``buffers`` (buffer elements) are counted from
@@ -177,15 +187,9 @@ class Cost:
     uncounted_macs: tuple[str, ...]
     per_node: tuple[NodeCost, ...]
 
-    @property
-    def flops(self) -> int:
-        """2 x MACs."""
-        return 2 * self.macs
-
-    @property
-    def bytes(self) -> int:
-        """Bytes read plus bytes written."""
-        return self.bytes_read + self.bytes_written
+    def summary(self) -> dict[str, int]:
+        """The whole model's :data:`TOTAL_KEYS`, by name (the report's before and after)."""
+        return {key: getattr(self, key) for key in TOTAL_KEYS}
 
     def totals(self) -> Totals:
         """The whole model's costs as :class:`Totals` (to subtract one model from another)."""
@@ -313,7 +317,7 @@ def count(model: nn.Module | Traced, input_size: tuple[int, int, int] | None = N
     else:
         size = DEFAULT_INPUT_SIZE if input_size is None else input_size
         check_input_size(size)
-        traced = trace_model(model, (size[0], size[1], size[2]))
+        traced = trace_model(model, (size[0], size[1], size[2]), leaf_types=BLOCK_TYPES)
         owner = model
     per_node = tuple(_price_graph(traced.graph_module, depth=0))
     parameters = list(owner.parameters())
@@ -411,7 +415,7 @@ def _price_call(
         except NoRule:
             pass
     kwargs = dict(fx.node.map_arg(node.kwargs, _value))
-    if module is not None and not isinstance(module, ULSAM) and depth < MAX_OPEN_DEPTH:
+    if module is not None and not isinstance(module, BLOCK_TYPES) and depth < MAX_OPEN_DEPTH:
         opened = _open_module(module, inputs, kwargs, depth + 1)
         if opened is not None:
             return opened
@@ -509,7 +513,7 @@ def _trace_leaf(
     """Trace symbolically (failing submodules made leaves), else with concrete shapes."""
     leaves: set[str] = set()
     for _ in range(MAX_LEAF_RETRIES):
-        tracer = ScopeTracer(leaves)
+        tracer = ScopeTracer(leaves, BLOCK_TYPES)
         try:
             return tracer.trace(module, concrete_args=concrete)
         except Exception:
@@ -528,7 +532,7 @@ def _trace_leaf(
         allow_insert_stateless_mods = False
 
         def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-            return isinstance(m, ULSAM) or super().is_leaf_module(m, module_qualified_name)
+            return isinstance(m, BLOCK_TYPES) or super().is_leaf_module(m, module_qualified_name)
 
     metas = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
     try:

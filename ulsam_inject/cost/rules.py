@@ -500,31 +500,22 @@ def norm_module_rule(
     )
 
 
-@register(F.layer_norm, torch.layer_norm)
-def layer_norm_function_rule(
-    node: Any, inputs: tuple[Any, ...], output: Any, module: Any
-) -> tuple[int, int]:
-    """``F.layer_norm(x, shape, weight, bias, eps)``."""
-    weight, bias = arg(node, inputs, 2, "weight", None), arg(node, inputs, 3, "bias", None)
-    return 0, _norm_ops(numel(output), weight, bias)
+def _norm_function_rule(weight_index: int) -> Rule:
+    """The functional norms' rule: as the modules', with ``weight`` and ``bias`` read from
+    positions ``weight_index`` and ``weight_index + 1`` (or the keywords)."""
+
+    def rule(node: Any, inputs: tuple[Any, ...], output: Any, module: Any) -> tuple[int, int]:
+        weight = arg(node, inputs, weight_index, "weight", None)
+        bias = arg(node, inputs, weight_index + 1, "bias", None)
+        return 0, _norm_ops(numel(output), weight, bias)
+
+    return rule
 
 
-@register(F.group_norm, torch.group_norm)
-def group_norm_function_rule(
-    node: Any, inputs: tuple[Any, ...], output: Any, module: Any
-) -> tuple[int, int]:
-    """``F.group_norm(x, groups, weight, bias, eps)``."""
-    weight, bias = arg(node, inputs, 2, "weight", None), arg(node, inputs, 3, "bias", None)
-    return 0, _norm_ops(numel(output), weight, bias)
-
-
-@register(F.instance_norm, torch.instance_norm)
-def instance_norm_function_rule(
-    node: Any, inputs: tuple[Any, ...], output: Any, module: Any
-) -> tuple[int, int]:
-    """``F.instance_norm(x, running_mean, running_var, weight, bias, ...)``."""
-    weight, bias = arg(node, inputs, 3, "weight", None), arg(node, inputs, 4, "bias", None)
-    return 0, _norm_ops(numel(output), weight, bias)
+# F.layer_norm(x, shape, weight, bias, eps) and F.group_norm(x, groups, weight, bias, eps);
+# F.instance_norm(x, running_mean, running_var, weight, bias, ...).
+register(F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm)(_norm_function_rule(2))
+register(F.instance_norm, torch.instance_norm)(_norm_function_rule(3))
 
 
 # -- pooling ------------------------------------------------------------------------------

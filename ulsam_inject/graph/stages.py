@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ulsam_inject.block.module import ULSAM
-from ulsam_inject.graph.trace import BLOCKS, TRAINING_FLAG, Traced, node_shape, trace_model
+from ulsam_inject.graph.modes import TRAINING_FLAG
+from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE, node_shape
+from ulsam_inject.graph.trace import BLOCKS, LeafTypes, Traced, trace_model
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -67,9 +68,17 @@ class Stage:
 
 
 def find_stages(
-    model: nn.Module | Traced, input_size: tuple[int, int, int] = (3, 224, 224)
+    model: nn.Module | Traced,
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
+    *,
+    leaf_types: LeafTypes = (),
+    block_types: LeafTypes = (),
 ) -> list[Stage]:
     """List the depthwise/pointwise stages of ``model`` in execution order.
+
+    ``leaf_types`` are passed to :func:`~ulsam_inject.graph.trace.trace_model` when
+    ``model`` is not traced yet; calls of ``block_types`` modules (and of anything under
+    the ``ulsam`` container of a retrofitted model) never become part of a stage.
 
     Example:
         >>> import torchvision
@@ -77,8 +86,11 @@ def find_stages(
         >>> [s.name for s in stages][:3], len(stages)
         (['features.1', 'features.2', 'features.3'], 17)
     """
-    traced = model if isinstance(model, Traced) else trace_model(model, input_size)
-    return _StageFinder(traced).find()
+    if isinstance(model, Traced):
+        traced = model
+    else:
+        traced = trace_model(model, input_size, leaf_types=leaf_types)
+    return _StageFinder(traced, tuple(block_types)).find()
 
 
 def activation_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
@@ -108,8 +120,9 @@ def is_pointwise_conv(module: nn.Module) -> bool:
 
 
 class _StageFinder:
-    def __init__(self, traced: Traced) -> None:
+    def __init__(self, traced: Traced, block_types: tuple[type[nn.Module], ...]) -> None:
         self.traced = traced
+        self.block_types = block_types
         self.graph_module = traced.graph_module
         root = traced.root if traced.root is not None else traced.graph_module
         self.modules = dict(root.named_modules())
@@ -310,7 +323,7 @@ class _StageFinder:
                 break  # the pair ends with the container that lays it out
             module = self._module(user) if user.op == "call_module" else None
             if user.op == "call_module" and (
-                isinstance(module, ULSAM) or str(user.target).split(".")[0] == BLOCKS
+                isinstance(module, self.block_types) or str(user.target).split(".")[0] == BLOCKS
             ):
                 break  # a retrofitted model's block is not part of the stage
             if module is not None and isinstance(module, nn.Conv2d):

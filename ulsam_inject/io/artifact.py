@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from ulsam_inject.errors import ArtifactError, CheckpointError
-from ulsam_inject.io.fileio import atomic_write
+from ulsam_inject.errors import ArtifactError, CheckpointError, describe
+from ulsam_inject.graph.modes import eval_mode
+from ulsam_inject.io.fileio import atomic_write, check_input_file, read_safetensors_header
 from ulsam_inject.surgery.inject import Retrofit, inject
 
 FORMAT = "ulsam-inject/1"
@@ -108,7 +109,12 @@ def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     from ulsam_inject.io.checkpoints import read_state_dict
 
     target = Path(path)
-    _check_file(target)
+    check_input_file(
+        target,
+        kind="retrofitted-model file",
+        expected="a file written by 'ulsam-inject inject --out'",
+        error=ArtifactError,
+    )
     text = _safetensors_recipe(target)
     if text is None:
         text, state = _torch_recipe(target)
@@ -165,41 +171,15 @@ def load(path: str | Path) -> Retrofit:
     return retrofit
 
 
-def _check_file(path: Path) -> None:
-    """Missing, folder, empty: told plainly before any format is guessed."""
-    if not path.exists():
-        raise ArtifactError(f"retrofitted-model file {path} does not exist")
-    if path.is_dir():
-        raise ArtifactError(
-            f"{path} is a directory, expected a file written by 'ulsam-inject inject --out'"
-        )
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        raise ArtifactError(f"cannot read {path}: {error.strerror}") from None
-    if size == 0:
-        raise ArtifactError(f"retrofitted-model file {path} is empty (0 bytes)")
-
-
 def _safetensors_recipe(path: Path) -> str | None:
     """The recipe in a safetensors header, or None when ``path`` is not safetensors."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return None
-            size = int.from_bytes(head, "little")
-            if size <= 0 or size > 100_000_000:
-                return None
-            header = handle.read(size)
+        header = read_safetensors_header(path)
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror}") from None
-    if not header.startswith(b"{"):
+    if header is None:
         return None
-    try:
-        meta = json.loads(header).get("__metadata__") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    meta = header.get("__metadata__") or {}
     text = meta.get(RECIPE_KEY)
     if text is None:
         raise ArtifactError(
@@ -273,20 +253,16 @@ def capture_program(retrofit: Retrofit) -> torch.export.ExportedProgram:
     The model's train/eval flags are restored afterwards.
     """
     model = retrofit.model
-    flags = [(m, m.training) for m in model.modules()]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     example = torch.randn(1, *retrofit.input_size, dtype=dtype)
     try:
-        model.eval()
-        return torch.export.export(model, (example,))
+        with eval_mode(model):
+            return torch.export.export(model, (example,))
     except Exception as error:
         raise ArtifactError(
-            f"torch.export could not capture the model: {type(error).__name__}: "
-            f"{_first_line(error)}"
+            f"torch.export could not capture the model: "
+            f"{describe(error, limit=200, sentence=False)}"
         ) from error
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def write_program(
@@ -302,9 +278,3 @@ def write_program(
         torch.export.save(program, tmp)
 
     return atomic_write(Path(path), write, force=force, protect=protect)
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

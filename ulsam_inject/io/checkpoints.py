@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulsam_inject.errors import CheckpointError
+from ulsam_inject.errors import CheckpointError, describe, first_line
+from ulsam_inject.io.fileio import check_input_file, looks_like_safetensors
 
 __all__ = ["EMA_KEYS", "MODEL_KEYS", "load_state_dict_into", "read_state_dict"]
 
@@ -33,7 +34,6 @@ EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
 # torch.compile. Stripped (repeatedly, in any nesting) when every key carries one.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-_SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 # torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle.
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 # How torch's weights-only unpickler names a class or function it refused to import, in
@@ -65,13 +65,15 @@ def read_state_dict(
         ['fc.weight']
     """
     target = Path(os.fspath(path))
-    size = _check_file(target)
+    size = check_input_file(
+        target, kind="checkpoint", expected="a weights file", error=CheckpointError
+    )
     try:
         with target.open("rb") as handle:
             head = handle.read(9)
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {target}: {error.strerror}") from None
-    if _looks_like_safetensors(head):
+    if looks_like_safetensors(head):
         loaded: Any = _load_safetensors(target)
     elif target.suffix == ".safetensors" and not head.startswith(_TORCH_MAGIC):
         raise CheckpointError(
@@ -136,37 +138,10 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         with torch.no_grad():
             for key, tensor in model.state_dict().items():
                 tensor.copy_(backup[key])
-        raise CheckpointError(
-            f"checkpoint does not fit the model: {type(error).__name__}: {_first_line(error)}"
-        ) from error
+        raise CheckpointError(f"checkpoint does not fit the model: {describe(error)}") from error
 
 
 # --- reading ----------------------------------------------------------------------------
-
-
-def _check_file(target: Path) -> int:
-    if not target.exists():
-        hint = " (its folder does not exist either)" if not target.parent.exists() else ""
-        raise CheckpointError(f"checkpoint {target} does not exist{hint}")
-    if target.is_dir():
-        raise CheckpointError(f"checkpoint {target} is a directory, expected a weights file")
-    if not target.is_file():
-        raise CheckpointError(f"checkpoint {target} is not a regular file")
-    try:
-        size = target.stat().st_size
-    except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {target}: {error.strerror}") from None
-    if size == 0:
-        raise CheckpointError(f"checkpoint {target} is empty (0 bytes)")
-    return size
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    """An 8-byte little-endian header length followed by the start of a JSON object."""
-    if len(head) < 9:
-        return False
-    length = int.from_bytes(head[:8], "little")
-    return 2 <= length <= _SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
 
 
 def _load_safetensors(target: Path) -> dict[str, torch.Tensor]:
@@ -176,7 +151,7 @@ def _load_safetensors(target: Path) -> dict[str, torch.Tensor]:
         return load_file(str(target), device="cpu")
     except Exception as error:
         raise CheckpointError(
-            f"checkpoint {target} is a truncated or corrupt safetensors file ({_first_line(error)})"
+            f"checkpoint {target} is a truncated or corrupt safetensors file ({first_line(error)})"
         ) from None
 
 
@@ -212,12 +187,11 @@ def _load_torch(target: Path, trust: bool) -> Any:
     except (ImportError, AttributeError) as error:
         raise CheckpointError(
             f"trusted checkpoint {target} needs code that cannot be imported here "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"({describe(error)})"
         ) from None
     except Exception as error:
         raise CheckpointError(
-            f"trusted checkpoint {target} could not be unpickled "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"trusted checkpoint {target} could not be unpickled ({describe(error)})"
         ) from None
 
 
@@ -291,11 +265,4 @@ def _torch_error(error: BaseException) -> str:
         detail = text.split(marker, 1)[1].strip().splitlines()
         if detail:
             return f"{type(error).__name__}: {detail[0].strip()[:160]}"
-    return f"{type(error).__name__}: {_first_line(error)}"
-
-
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # First sentence of the first line: torch's messages go on for paragraphs.
-    text = lines[0].split(". ")[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{describe(error)}"

@@ -1,25 +1,86 @@
-"""Writing output files safely: checked up front, written whole or not at all.
+"""Files in and out: inputs checked before any format is guessed, outputs written whole.
 
-:func:`check_output_path` tells early (before minutes of work) whether an output can be
-written; :func:`atomic_write` writes to a temporary file in the same folder and renames it
-onto the target, so a crash or a failing writer never leaves a partial file behind.
+:func:`check_input_file` tells plainly that an input is missing, a folder or empty, and
+:func:`read_safetensors_header` recognises a safetensors file by its header, whatever its
+suffix (checkpoints and artifacts share both). :func:`check_output_path` tells early (before
+minutes of work) whether an output can be written; :func:`atomic_write` writes to a
+temporary file in the same folder and renames it onto the target, so a crash or a failing
+writer never leaves a partial file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
-from ulsam_inject.errors import OutputError
+from ulsam_inject.errors import OutputError, UlsamError
 
-__all__ = ["atomic_write", "check_output_path"]
+__all__ = [
+    "atomic_write",
+    "check_input_file",
+    "check_output_path",
+    "looks_like_safetensors",
+    "read_safetensors_header",
+]
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
+SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+
+
+def check_input_file(path: Path, *, kind: str, expected: str, error: type[UlsamError]) -> int:
+    """Check that ``path`` is a readable, non-empty regular file; return its size in bytes.
+
+    Raises ``error`` with a message naming the file as ``kind`` (``"checkpoint"``): it does
+    not exist (nor its folder), is a directory (``expected`` says what was wanted), is not a
+    regular file, cannot be read, or is empty.
+    """
+    if not path.exists():
+        hint = " (its folder does not exist either)" if not path.parent.exists() else ""
+        raise error(f"{kind} {path} does not exist{hint}")
+    if path.is_dir():
+        raise error(f"{kind} {path} is a directory, expected {expected}")
+    if not path.is_file():
+        raise error(f"{kind} {path} is not a regular file")
+    try:
+        size = path.stat().st_size
+    except OSError as failure:
+        raise error(f"cannot read {kind} {path}: {failure.strerror}") from None
+    if size == 0:
+        raise error(f"{kind} {path} is empty (0 bytes)")
+    return size
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether a file's first 9 bytes start a safetensors file: an 8-byte little-endian
+    header length followed by the start of a JSON object."""
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file; None when ``path`` is not one.
+
+    Only the header is read (not the tensors). ``OSError`` is left to the caller, which
+    knows what the file was meant to be.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(9)
+        if not looks_like_safetensors(head):
+            return None
+        header = head[8:] + handle.read(int.from_bytes(head[:8], "little") - 1)
+    try:
+        value = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def check_output_path(path: PathLike, *, force: bool, protect: PathLike | None = None) -> Path:

@@ -15,7 +15,6 @@ model can rebuild exactly the model that was built. Nothing here downloads anyth
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import json
@@ -34,7 +33,10 @@ from ulsam_inject.errors import (
     MissingDependencyError,
     ModelSpecError,
     UlsamError,
+    describe,
+    did_you_mean,
 )
+from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE
 from ulsam_inject.io.hub import hub_fetch
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
 ]
 
 ZOOS = ("torchvision", "timm", "callable")
-DEFAULT_INPUT_SIZE: tuple[int, int, int] = (3, 224, 224)
 
 _VALID_SPECS = "'torchvision:NAME', 'timm:NAME' or 'package.module:callable'"
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -426,8 +427,7 @@ def _resolve_callable(module_name: str, attribute: str) -> Callable[..., Any]:
         ) from error
     except Exception as error:
         raise ModelSpecError(
-            f"importing module {module_name!r} of model spec {spec!r} failed: "
-            f"{type(error).__name__}: {_first_line(error)}"
+            f"importing module {module_name!r} of model spec {spec!r} failed: {describe(error)}"
         ) from error
     target: Any = module
     walked: list[str] = []
@@ -486,30 +486,21 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], spec: Mod
 
 def _kwargs_error(spec: ModelSpec, kwargs: Mapping[str, Any], error: Exception) -> ModelSpecError:
     given = json.dumps(dict(kwargs), sort_keys=True) if kwargs else "no keyword arguments"
-    return ModelSpecError(
-        f"building {spec.spec} with {given} failed: {type(error).__name__}: {_first_line(error)}"
-    )
+    return ModelSpecError(f"building {spec.spec} with {given} failed: {describe(error)}")
 
 
 def _fetch_error(spec: ModelSpec, error: Exception, where: str = "") -> FetchError:
     source = f" ({where} has no copy)" if where else ""
     return FetchError(
         f"the pretrained weights of {spec.spec} could not be fetched or read{source} "
-        f"({type(error).__name__}: {_first_line(error)}); download them elsewhere and pass "
+        f"({describe(error)}); download them elsewhere and pass "
         f"--checkpoint FILE"
     )
 
 
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # First sentence of the first line: torch's messages go on for paragraphs.
-    text = lines[0].split(". ")[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _did_you_mean(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
+    hint = did_you_mean(name, candidates)
+    return f" ({hint})" if hint else ""
 
 
 def _no_source_message(text: str) -> str:

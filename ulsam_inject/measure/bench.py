@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ulsam_inject.errors import UlsamUsageError
-from ulsam_inject.graph.trace import check_input_size, eval_mode
+from ulsam_inject.graph.modes import eval_mode
+from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE, check_input_size
 
 SCHEMA = "ulsam-inject.bench/1"
 ProgressCallback = Callable[[int, int], None]
@@ -84,7 +85,7 @@ def _threads(count: int | None) -> Iterator[int]:
 def measure_latency(
     before: nn.Module,
     after: nn.Module,
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
     *,
     batch: int = 1,
     device: str = "auto",

@@ -14,10 +14,12 @@ from torch import nn
 
 from ulsam_inject.cost.count import count
 from ulsam_inject.errors import MissingDependencyError, OutputError
-from ulsam_inject.graph.trace import Traced, trace_model
+from ulsam_inject.graph.trace import Traced
 from ulsam_inject.io.fileio import atomic_write, check_output_path
 from ulsam_inject.measure.profile import node_latencies
 from ulsam_inject.surgery.inject import Retrofit
+from ulsam_inject.surgery.report import human
+from ulsam_inject.surgery.seeing import trace_model
 
 FORMATS = (".png", ".svg")
 
@@ -98,18 +100,6 @@ def stage_breakdown(
     return data
 
 
-def _short(value: float) -> str:
-    """``37632 -> '37.6K'``, ``-22654464 -> '-22.7M'``: three significant digits."""
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if value >= factor * 0.9995:
-            scaled = value / factor
-            digits = 0 if scaled >= 99.95 else 1 if scaled >= 9.995 else 2
-            return f"{sign}{scaled:.{digits}f}{prefix}"
-    return f"{sign}{value:.0f}"
-
-
 def _percent_change(old: float, new: float) -> str:
     return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
 
@@ -175,7 +165,8 @@ def plot_retrofit(
             own = data[f"{key}_block"][x]
             if key == "macs":
                 delta = own - data["macs_before"][x] if replaced else own
-                amount = ("net " if replaced else "") + ("+" if delta > 0 else "") + _short(delta)
+                change = ("+" if delta > 0 else "") + human(delta, significant=True)
+                amount = ("net " if replaced else "") + change
             else:
                 amount = f"{100 * own:.1f}%"
             axis.annotate(
@@ -200,11 +191,12 @@ def plot_retrofit(
     size = "x".join(map(str, retrofit.input_size))
     macs_old, macs_new = data["total_macs_before"], data["total_macs_after"]
     params_old, params_new = data["total_params_before"], data["total_params_after"]
+    macs = f"{human(macs_old, significant=True)} → {human(macs_new, significant=True)}"
+    params = f"{human(params_old, significant=True)} → {human(params_new, significant=True)}"
     axes[0, 0].set_title(
         f"{retrofit.source or type(original).__name__} at {size}: per-stage cost before and "
-        f"after ULSAM\nwhole model: MACs {_short(macs_old)} → {_short(macs_new)} "
-        f"({_percent_change(macs_old, macs_new)}), params {_short(params_old)} → "
-        f"{_short(params_new)} ({_percent_change(params_old, params_new)}); "
+        f"after ULSAM\nwhole model: MACs {macs} ({_percent_change(macs_old, macs_new)}), "
+        f"params {params} ({_percent_change(params_old, params_new)}); "
         f"stem and head not drawn",
         fontsize=10,
     )

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ulsam_inject.errors import UlsamUsageError
-from ulsam_inject.graph.trace import eval_mode
+from ulsam_inject.graph.modes import eval_mode
 
 Statistic = Literal["median", "min"]
 STATISTICS: dict[str, Callable[[list[float]], float]] = {

@@ -11,12 +11,14 @@ from typing import Any
 from torch import fx, nn
 
 from ulsam_inject.cost.count import Cost, count
-from ulsam_inject.graph.stages import Stage, find_stages
-from ulsam_inject.graph.trace import Traced, trace_model
-from ulsam_inject.surgery.plan import DEFAULT_GROUPS, Mode, Plan, make_plan
+from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE
+from ulsam_inject.graph.stages import Stage
+from ulsam_inject.graph.trace import Traced
+from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE, Mode, Plan, make_plan
 from ulsam_inject.surgery.positions import PositionSpec
 from ulsam_inject.surgery.report import Report, build_report
 from ulsam_inject.surgery.rewrite import rewrite
+from ulsam_inject.surgery.seeing import find_stages, trace_model
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ def inject(
     model: nn.Module | str,
     at: PositionSpec,
     groups: int | Mapping[Any, int] = DEFAULT_GROUPS,
-    mode: Mode | str | Mapping[Any, str] = "after",
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    mode: Mode | str | Mapping[Any, str] = DEFAULT_MODE,
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
     *,
     model_kwargs: Mapping[str, Any] | None = None,
     report: bool = True,

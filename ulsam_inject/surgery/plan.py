@@ -16,6 +16,7 @@ from ulsam_inject.surgery.positions import PositionSpec, resolve_positions
 Mode = Literal["after", "replace"]
 MODES: tuple[Mode, ...] = ("after", "replace")
 DEFAULT_GROUPS = 4
+DEFAULT_MODE: Mode = "after"
 CONTAINER = BLOCKS
 """Name of the submodule that holds the new blocks: state-dict keys ``ulsam.<stage>.*``."""
 
@@ -57,13 +58,14 @@ def make_plan(
     stages: Sequence[Stage],
     at: PositionSpec,
     groups: int | Mapping[Any, int] = DEFAULT_GROUPS,
-    mode: Mode | str | Mapping[Any, str] = "after",
+    mode: Mode | str | Mapping[Any, str] = DEFAULT_MODE,
     traced: Traced | None = None,
 ) -> Plan:
     """Resolve positions, group counts and modes into a checked :class:`Plan`.
 
     ``groups`` and ``mode`` are one value for every position, or a mapping from a position
-    spec to a value (positions not in the mapping get 4 and "after").
+    spec to a value (positions not in the mapping get :data:`DEFAULT_GROUPS` and
+    :data:`DEFAULT_MODE`).
 
     Example:
         >>> import torchvision
@@ -74,11 +76,11 @@ def make_plan(
     """
     chosen = resolve_positions(at, stages, traced)
     group_of = _per_stage(groups, DEFAULT_GROUPS, stages, chosen, traced, "groups")
-    mode_of = _per_stage(mode, "after", stages, chosen, traced, "mode")
+    mode_of = _per_stage(mode, DEFAULT_MODE, stages, chosen, traced, "mode")
     placements = []
     for stage in chosen:
         g = group_of.get(stage.index, group_of.get(-1, DEFAULT_GROUPS))
-        m = mode_of.get(stage.index, mode_of.get(-1, "after"))
+        m = mode_of.get(stage.index, mode_of.get(-1, DEFAULT_MODE))
         placements.append(_placement(stage, cast(int, g), str(m)))
     return Plan(tuple(placements))
 
@@ -115,24 +117,49 @@ def _per_stage(
     return result
 
 
-def _placement(stage: Stage, groups: int, mode: str) -> Placement:
+def check_mode(mode: object, where: str) -> Mode:
+    """``mode`` if it is one of :data:`MODES`; else :class:`ModeError` saying ``where``.
+
+    Example:
+        >>> check_mode("sideways", "for features.13")
+        Traceback (most recent call last):
+        ...
+        ulsam_inject.errors.ModeError: mode 'sideways' for features.13 is not one of: after, replace
+    """
     if mode not in MODES:
-        raise ModeError(f"mode {mode!r} for {stage.name} is not one of: after, replace")
-    if mode == "replace" and not stage.replaceable:
+        raise ModeError(f"mode {mode!r} {where} is not one of: {', '.join(MODES)}")
+    return mode
+
+
+def check_groups(groups: object, where: str, channels: int | None = None) -> int:
+    """``groups`` if it is a positive integer; else :class:`GroupsError` saying ``where``
+    and the valid values (the divisors of ``channels``, when known)."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise GroupsError(
+            f"groups must be a positive integer, got {groups!r} {where}; {_valid(channels)}"
+        )
+    return groups
+
+
+def _valid(channels: int | None) -> str:
+    if channels is None:
+        return f"e.g. {DEFAULT_GROUPS}"
+    return f"valid groups there: {', '.join(map(str, divisors(channels)))}"
+
+
+def _placement(stage: Stage, groups: int, mode: str) -> Placement:
+    checked_mode = check_mode(mode, f"for {stage.name}")
+    if checked_mode == "replace" and not stage.replaceable:
         raise ReplaceError(
             f"cannot replace {stage.name}: it maps {stage.in_channels} channels to "
             f"{stage.out_channels} at stride {stage.stride}; only stages whose input and "
             f"output shapes are identical can be replaced (use mode 'after')"
         )
     channels = stage.out_channels
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    checked = check_groups(groups, f"for {stage.name}", channels)
+    if channels % checked:
         raise GroupsError(
-            f"groups must be a positive integer, got {groups!r} for {stage.name}; "
-            f"valid groups there: {', '.join(map(str, divisors(channels)))}"
+            f"groups={checked!r} does not divide the {channels} channels of {stage.name}; "
+            f"{_valid(channels)}"
         )
-    if channels % groups:
-        raise GroupsError(
-            f"groups={groups!r} does not divide the {channels} channels of {stage.name}; "
-            f"valid groups there: {', '.join(map(str, divisors(channels)))}"
-        )
-    return Placement(stage, groups, mode, module_name_for(stage.name))
+    return Placement(stage, checked, checked_mode, module_name_for(stage.name))

@@ -8,14 +8,14 @@ the result is in execution order without duplicates.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
-from ulsam_inject.errors import PositionError
+from ulsam_inject.errors import PositionError, did_you_mean
+from ulsam_inject.graph.shapes import node_shape
 from ulsam_inject.graph.stages import Stage
-from ulsam_inject.graph.trace import Traced, node_shape
+from ulsam_inject.graph.trace import Traced
 
 PositionSpec = int | str | Sequence[int | str]
 
@@ -171,8 +171,8 @@ def _unknown_name_message(token: str, by_name: dict[str, Stage], traced: Traced 
                 f"{token!r} is a module of the model but not a depthwise/pointwise stage; "
                 f"stages are {_sample(by_name)}"
             )
-    close = difflib.get_close_matches(token, list(by_name), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; stages are {_sample(by_name)}"
+    close = did_you_mean(token, by_name)
+    hint = f"; {close}" if close else f"; stages are {_sample(by_name)}"
     return (
         f"unknown position {token!r}{hint} (an index, a range like 12-15, a name, a glob or 'all')"
     )

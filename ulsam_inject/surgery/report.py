@@ -31,7 +31,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ulsam_inject.cost.count import Cost
+from ulsam_inject.cost.count import TOTAL_KEYS, Cost
 from ulsam_inject.surgery.plan import Placement
 
 SCHEMA = "ulsam-inject.report/1"
@@ -43,15 +43,6 @@ UNITS = {
     "element per op (see ulsam_inject.cost.rules)",
     "bytes": "activation bytes read + written by each op (views move none)",
 }
-TOTAL_KEYS = (
-    "params",
-    "trainable_params",
-    "macs",
-    "flops",
-    "other_ops",
-    "bytes_read",
-    "bytes_written",
-)
 
 
 @dataclass(frozen=True)
@@ -123,18 +114,6 @@ class Report:
         }
 
 
-def totals(cost: Cost) -> dict[str, int]:
-    return {
-        "params": cost.params,
-        "trainable_params": cost.trainable_params,
-        "macs": cost.macs,
-        "flops": cost.flops,
-        "other_ops": cost.other_ops,
-        "bytes_read": cost.bytes_read,
-        "bytes_written": cost.bytes_written,
-    }
-
-
 def build_report(
     placements: Iterable[Placement],
     before: Cost,
@@ -153,13 +132,13 @@ def build_report(
     blocks = []
     for placement in placements:
         added = after.for_module(placement.module_name)
-        macs, other, traffic = added.macs, added.other_ops, added.bytes_read + added.bytes_written
+        macs, other, traffic = added.macs, added.other_ops, added.bytes
         params = block_params[placement.module_name]
         if placement.mode == "replace":
             removed = before.for_nodes(placement.stage.nodes)
             macs -= removed.macs
             other -= removed.other_ops
-            traffic -= removed.bytes_read + removed.bytes_written
+            traffic -= removed.bytes
             params -= removed_params[placement.stage.name]
         stage = placement.stage
         blocks.append(
@@ -179,19 +158,31 @@ def build_report(
             )
         )
     uncounted = tuple(sorted(set(before.uncounted) | set(after.uncounted)))
-    return Report(model, input_size, totals(before), totals(after), tuple(blocks), uncounted)
+    return Report(model, input_size, before.summary(), after.summary(), tuple(blocks), uncounted)
 
 
 # -- rendering ---------------------------------------------------------------------------
 
 
-def human(value: float, unit: str = "") -> str:
-    """``1234567 -> '1.23M'``: SI prefixes, three significant decimals."""
+def human(value: float, unit: str = "", *, significant: bool = False) -> str:
+    """A number with an SI prefix: three decimals, or three significant digits.
+
+    Tables show three decimals (``1234567 -> '1.235M'``); figure labels, short of room,
+    three significant digits (``significant=True``: ``37632 -> '37.6K'``, ``999600 ->
+    '1.00M'``).
+
+    Example:
+        >>> human(1234567, "B"), human(-22654464, significant=True), human(999)
+        ('1.235MB', '-22.7M', '999')
+    """
     sign = "-" if value < 0 else ""
     value = abs(value)
     for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if value >= factor:
-            return f"{sign}{value / factor:.3f}{prefix}{unit}"
+        # Rounding to three significant digits carries 999.6K up to 1.00M.
+        if value >= (factor * 0.9995 if significant else factor):
+            scaled = value / factor
+            digits = 3 if not significant else 0 if scaled >= 99.95 else 1 if scaled >= 9.995 else 2
+            return f"{sign}{scaled:.{digits}f}{prefix}{unit}"
     return f"{sign}{value:.0f}{unit}"
 
 

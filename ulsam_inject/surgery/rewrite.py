@@ -6,8 +6,9 @@ from torch import fx, nn
 
 from ulsam_inject.block.module import ULSAM
 from ulsam_inject.errors import PositionError, TraceError
+from ulsam_inject.graph.pickling import record_structure
 from ulsam_inject.graph.stages import activation_inputs
-from ulsam_inject.graph.trace import Traced, record_structure
+from ulsam_inject.graph.trace import Traced
 from ulsam_inject.surgery.plan import CONTAINER, Placement, Plan
 
 
