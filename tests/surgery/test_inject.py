@@ -39,9 +39,9 @@ def retrofit(mobilenet_v2) -> Retrofit:
 
 def test_every_new_module_is_a_ulsam_with_a_readable_name(retrofit):
     blocks = {n: m for n, m in retrofit.model.named_modules() if isinstance(m, ULSAM)}
-    assert sorted(blocks) == ["ulsam.features_13", "ulsam.features_16"]
+    assert sorted(blocks) == ["features.13.ulsam", "features.16.ulsam"]
     assert [(b.channels, b.groups) for b in blocks.values()] == [(96, 4), (160, 4)]
-    assert isinstance(retrofit.model, fx.GraphModule)
+    assert [p.rewrite for p in retrofit.plan.placements] == ["stage", "stage"]
     assert retrofit.plan.to_list() == [
         {"at": "features.13", "groups": 4, "mode": "after"},
         {"at": "features.16", "groups": 4, "mode": "after"},
@@ -56,7 +56,7 @@ def test_original_weights_keep_their_keys_and_values(mobilenet_v2, retrofit):
     assert set(original) <= set(new)
     assert all(torch.equal(new[k], v) for k, v in original.items())
     added = set(new) - set(original)
-    assert added and all(k.startswith(("ulsam.features_13.", "ulsam.features_16.")) for k in added)
+    assert added and all(k.startswith(("features.13.ulsam.", "features.16.ulsam.")) for k in added)
 
 
 def test_the_original_checkpoint_loads_with_only_new_keys_missing(mobilenet_v2, retrofit):
@@ -74,8 +74,13 @@ def test_the_original_checkpoint_loads_with_only_new_keys_missing(mobilenet_v2, 
 
 
 def _new_keys(model: nn.Module) -> set[str]:
-    keys = model.state_dict()
-    return {k for k in keys if k.startswith("ulsam.") and not k.endswith("num_batches_tracked")}
+    """The state-dict keys of the ULSAM blocks (but num_batches_tracked)."""
+    blocks = [n for n, m in model.named_modules() if isinstance(m, ULSAM)]
+    return {
+        k
+        for k in model.state_dict()
+        if any(k.startswith(f"{b}.") for b in blocks) and not k.endswith("num_batches_tracked")
+    }
 
 
 def _reinit(module: nn.Module) -> None:
@@ -131,7 +136,7 @@ def test_train_and_eval_forward_and_backward(retrofit):
     model = retrofit.model.train()
     x = torch.randn(2, *SMALL)
     model(x).square().mean().backward()
-    block = model.get_submodule("ulsam.features_13")
+    block = model.get_submodule("features.13.ulsam")
     assert all(p.grad is not None for p in block.parameters())
     # (A conv bias right before a train-mode BatchNorm gets a zero gradient: weights only.)
     assert all(block.get_parameter(f"{m}.weight").grad.abs().sum() > 0 for m in ("dw", "pw"))
@@ -150,7 +155,7 @@ def test_pickles_and_traces_again(retrofit):
     again = trace_model(retrofit.model, SMALL)
     assert torch.equal(_run(again.graph_module, x), expected)
     targets = [n.target for n in again.graph_module.graph.nodes if n.op == "call_module"]
-    assert "ulsam.features_13" in targets  # ULSAM stays one call
+    assert "features.13.ulsam" in targets  # ULSAM stays one call
     # Plain torch.fx traces through ULSAM too (which then runs its traceable kernels).
     plain = fx.symbolic_trace(retrofit.model)
     assert torch.allclose(_run(plain, x), expected, rtol=1e-4, atol=1e-6)
@@ -178,7 +183,8 @@ def test_copies_keep_the_structure_and_the_train_mode(tv_model):
         torch.manual_seed(3)
         assert torch.equal(twin(x), expected)
         again = inject(twin, at="features.4.1", input_size=SMALL, report=False).model
-        (block,) = [n for n in again.graph.nodes if n.target == "ulsam.features_4_1"]
+        # The block joins the stage's own graph, after the stage's residual add.
+        (block,) = [n for n in again.features[4][1].graph.nodes if n.target == "ulsam"]
         assert block.args[0].target is operator.add
 
 
@@ -194,10 +200,10 @@ def test_groups_mapping_and_both_modes_in_one_plan(mobilenet_v2):
         n: (m.groups, m.channels) for n, m in result.model.named_modules() if isinstance(m, ULSAM)
     }
     assert blocks == {
-        "ulsam.features_13": (8, 96),
-        "ulsam.features_14": (4, 160),
-        "ulsam.features_15": (4, 160),
-        "ulsam.features_16": (1, 160),
+        "features.13": (8, 96),
+        "features.14.ulsam": (4, 160),
+        "features.15.ulsam": (4, 160),
+        "features.16": (1, 160),
     }
     assert [p.mode for p in result.plan.placements] == ["replace", "after", "after", "replace"]
     assert result.model(torch.randn(1, *SMALL)).shape == (1, 1000)
@@ -303,7 +309,6 @@ def test_injection_at_random_positions_keeps_shapes_and_outputs(case):
         if isinstance(module, ULSAM):
             parent, _, child = name.rpartition(".")
             setattr(doubled.get_submodule(parent), child, Doubler())
-    doubled.recompile()
     reference = _doubled_at(model, list(result.stages), modes)
     assert torch.equal(_run(doubled, x), _run(reference, x))
     result.model.train()

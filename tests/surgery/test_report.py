@@ -153,7 +153,8 @@ def test_blocks_are_in_execution_order_with_positions(mnv2: nn.Module) -> None:
     report = inject(mnv2, at=["features.16", "features.3"], input_size=SMALL).report
     assert report is not None
     assert [(b.index, b.stage) for b in report.blocks] == [(2, "features.3"), (15, "features.16")]
-    assert [b.module for b in report.blocks] == ["ulsam.features_3", "ulsam.features_16"]
+    assert [b.module for b in report.blocks] == ["features.3.ulsam", "features.16.ulsam"]
+    assert [b.rewrite for b in report.blocks] == ["stage", "stage"]
 
 
 def test_no_report_when_not_asked(mnv2: nn.Module) -> None:

@@ -131,6 +131,8 @@ class _StageFinder:
         self.order = {node: i for i, node in enumerate(self.nodes)}
         self.region: dict[str, list[fx.Node]] = {}
         for node in self.nodes:
+            if node.op == "call_module" and isinstance(self._module(node), self.block_types):
+                continue  # a retrofitted model's block is in its stage's code, not its stage
             for path in node.meta.get("scope", ()):
                 self.region.setdefault(path, []).append(node)
         self.anchors = [n for n in self.nodes if n.op == "call_module" and self._is_anchor(n)]

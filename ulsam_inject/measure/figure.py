@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from ulsam_inject.cost.count import count
 from ulsam_inject.errors import MissingDependencyError, OutputError
@@ -41,8 +41,12 @@ def stage_breakdown(
     """
     size = retrofit.input_size
     stages = retrofit.stages
-    # The rewritten graph keeps the original trace's node names: use it as it is.
-    after = retrofit.model
+    rewritten_root = any(p.rewrite == "root" for p in retrofit.plan.placements)
+    if rewritten_root:  # the rewritten graph keeps the original trace's node names
+        assert isinstance(retrofit.model, fx.GraphModule)
+        after = retrofit.model
+    else:  # the user's model, changed stage by stage: its graph made again, as inject did
+        after = trace_model(retrofit.model, size, propagate=False).graph_module
     if retrofit.costs is not None:
         cost_before, cost_after = retrofit.costs
     else:  # injected with report=False
@@ -54,6 +58,10 @@ def stage_breakdown(
         for n in after.graph.nodes
         for p in retrofit.plan.placements
         if n.op == "call_module" and n.target == p.module_name
+    }
+    nodes_after = {
+        stage.name: list(stage.nodes) if rewritten_root else _nodes_within(after, stage.name)
+        for stage in stages
     }
     seconds_before: dict[str, float] = {}
     seconds_after: dict[str, float] = {}
@@ -83,14 +91,16 @@ def stage_breakdown(
         block = block_node.get(placement.module_name) if placement else None
         data["stages"].append(stage.name)
         data["macs_before"].append(cost_before.for_nodes(stage.nodes).macs)
-        data["macs_after"].append(cost_after.for_nodes(stage.nodes).macs if kept else 0)
+        data["macs_after"].append(cost_after.for_nodes(nodes_after[stage.name]).macs if kept else 0)
         data["macs_block"].append(cost_after.for_nodes([block]).macs if block else 0)
         if latency:
             data["time_before"].append(
                 sum(seconds_before.get(n, 0.0) for n in stage.nodes) / total_before
             )
             data["time_after"].append(
-                sum(seconds_after.get(n, 0.0) for n in stage.nodes) / total_after if kept else 0.0
+                sum(seconds_after.get(n, 0.0) for n in nodes_after[stage.name]) / total_after
+                if kept
+                else 0.0
             )
             data["time_block"].append(seconds_after.get(block, 0.0) / total_after if block else 0.0)
     data["total_macs_before"] = cost_before.macs
@@ -212,3 +222,16 @@ def plot_retrofit(
         figure.savefig(tmp, format=target.suffix.lower().lstrip("."), dpi=130)
 
     return atomic_write(target, write, force=force)
+
+
+def _nodes_within(graph_module: fx.GraphModule, path: str) -> list[str]:
+    """Nodes made by the code of the module at ``path`` (a stage), but its ULSAM block's."""
+    block = f"{path}.ulsam"
+    found = []
+    for node in graph_module.graph.nodes:
+        scopes = [*node.meta.get("scope", ()), str(node.target) if node.op == "call_module" else ""]
+        if any(s == block or s.startswith(block + ".") for s in scopes):
+            continue
+        if any(s == path or s.startswith(path + ".") for s in scopes):
+            found.append(node.name)
+    return found

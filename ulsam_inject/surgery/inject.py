@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from torch import fx, nn
+import torch
+from torch import nn
 
+from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
-from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE, Mode, Plan, make_plan
+from ulsam_inject.surgery.local import rewrite_stages, stage_rewritable
+from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE, Mode, Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import PositionSpec
 from ulsam_inject.surgery.report import Report, build_report
 from ulsam_inject.surgery.rewrite import rewrite
@@ -25,14 +28,16 @@ from ulsam_inject.surgery.seeing import find_stages, trace_model
 class Retrofit:
     """The result of :func:`inject`: the rewritten model and how it was made.
 
-    ``model`` is a ``torch.fx.GraphModule`` with a :class:`ulsam_inject.ULSAM` at each
-    placement; ``stages`` are the original model's stages; ``source`` is the model spec
-    when the model was given as one (needed to save a rebuildable artifact). With a report,
+    ``model`` is the user's model (a deep copy, same class) with a :class:`ulsam_inject.ULSAM`
+    at each placement's ``module_name``, or, where a stage was not a module of its own, a
+    ``torch.fx.GraphModule`` of the whole model; ``stages`` are the original model's stages;
+    ``source`` is the model spec when the model was given as one (needed to save a
+    rebuildable artifact). With a report,
     ``costs`` holds the original's and the retrofitted model's :class:`~ulsam_inject.Cost`
     (per node: ``costs[0].for_nodes(stage.nodes)`` is a stage's).
     """
 
-    model: fx.GraphModule
+    model: nn.Module
     plan: Plan
     stages: tuple[Stage, ...]
     input_size: tuple[int, int, int]
@@ -41,6 +46,20 @@ class Retrofit:
     source_kwargs: Mapping[str, Any] | None = None
     report: Report | None = None
     costs: tuple[Cost, Cost] | None = None
+
+    def __repr__(self) -> str:
+        where = sorted({p.rewrite for p in self.plan.placements})
+        lines = [
+            f"Retrofit(model={type(self.model).__name__}, source={self.source!r}, "
+            f"input_size={self.input_size}, rewrite={'/'.join(where)},",
+            f"  plan={self.plan.to_list()},",
+        ]
+        if self.report is not None:
+            params, macs = self.report.change("params"), self.report.change("macs")
+            lines.append(
+                f"  params {params[0]:+d} ({params[1]:+.3f}%), macs {macs[0]:+d} ({macs[1]:+.3f}%),"
+            )
+        return "\n".join(lines) + ")"
 
     def with_source(self, source: str | None, kwargs: Mapping[str, Any] | None = None) -> Retrofit:
         """The same retrofit, recorded as made from the model spec ``source``."""
@@ -70,8 +89,15 @@ def inject(
     *,
     model_kwargs: Mapping[str, Any] | None = None,
     report: bool = True,
+    seed: int | None = None,
 ) -> Retrofit:
     """Retrofit ULSAM into ``model`` at the positions ``at``; the model passed in is untouched.
+
+    The result's ``model`` is a deep copy of ``model``, of the same class, in which only the
+    chosen stages' modules changed (see :mod:`ulsam_inject.surgery.local`); a stage that is
+    not a module of its own makes the whole model a rewritten ``torch.fx.GraphModule``, and
+    each placement's ``rewrite`` says which happened. ``seed`` makes the new blocks' initial
+    weights reproducible without touching the global random stream.
 
     With ``report=True`` (default) the result carries a :class:`~ulsam_inject.surgery.report.Report`
     of parameter, MAC, other-op and memory-traffic deltas, counted on shapes alone.
@@ -90,6 +116,8 @@ def inject(
         >>> result = inject(net, at=["features.13", "features.16"], groups=4)
         >>> result.model(torch.randn(1, 3, 224, 224)).shape
         torch.Size([1, 1000])
+        >>> type(result.model).__name__, type(result.model.features[13].ulsam).__name__
+        ('MobileNetV2', 'ULSAM')
         >>> result.plan.to_list()[0]
         {'at': 'features.13', 'groups': 4, 'mode': 'after'}
     """
@@ -110,15 +138,23 @@ def inject(
         for p in plan.placements
         if p.mode == "replace"
     }
-    graph_module = rewrite(traced, plan)
+    make_block = _block_maker(working, seed)
+    local_plan = None
+    if all(stage_rewritable(traced, p) for p in plan.placements):
+        local_plan = rewrite_stages(working, plan, make_block)
+    retrofitted: nn.Module
+    if local_plan is not None:
+        plan, retrofitted = local_plan, working
+        after_traced = trace_model(retrofitted, traced.input_size) if report else None
+    else:  # the last resort: the whole model's graph
+        retrofitted = rewrite(traced, plan, make_block)
+        after_traced = Traced(retrofitted, traced.input_size, dict(traced.leaves), root=retrofitted)
     summary = costs = None
-    if before is not None:
+    if before is not None and after_traced is not None:
         block_params = {
-            p.module_name: _params_of(graph_module, (p.module_name,)) for p in plan.placements
+            p.module_name: _params_of(retrofitted, (p.module_name,)) for p in plan.placements
         }
-        after = count(
-            Traced(graph_module, traced.input_size, dict(traced.leaves), root=graph_module)
-        )
+        after = count(after_traced)
         costs = (before, after)
         summary = build_report(
             plan.placements,
@@ -130,7 +166,7 @@ def inject(
             input_size=traced.input_size,
         )
     return Retrofit(
-        model=graph_module,
+        model=retrofitted,
         plan=plan,
         stages=tuple(stages),
         input_size=traced.input_size,
@@ -140,6 +176,30 @@ def inject(
         report=summary,
         costs=costs,
     )
+
+
+def _block_maker(model: nn.Module, seed: int | None) -> Callable[[Placement], ULSAM]:
+    """New blocks on the model's device and dtype, in the mode of the module they join;
+    with ``seed``, drawn from a generator of their own (the caller's stream untouched)."""
+    reference = next(iter(model.parameters()), None)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def make(placement: Placement) -> ULSAM:
+        if generator is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                block = ULSAM(placement.channels, placement.groups)
+        else:
+            block = ULSAM(placement.channels, placement.groups)
+        if reference is not None:
+            block = block.to(device=reference.device, dtype=reference.dtype)
+        try:  # the mode of the module it joins (a flat stage is no module: the model's)
+            training = model.get_submodule(placement.stage.name).training
+        except AttributeError:
+            training = model.training
+        return block.train(training)
+
+    return make
 
 
 def _params_of(model: nn.Module, paths: tuple[str, ...]) -> int:

@@ -23,12 +23,20 @@ CONTAINER = BLOCKS
 
 @dataclass(frozen=True)
 class Placement:
-    """One ULSAM: the stage it goes after (or replaces), its g, and its module name."""
+    """One ULSAM: the stage it goes after (or replaces), its g, and its module name.
+
+    ``module_name`` is where the block lives in the retrofitted model and ``rewrite`` which
+    module's graph was changed to put it there: ``"stage"`` (the stage's own module, keys
+    ``<stage>.ulsam.*``, or ``<stage>.*`` when it replaces the stage) or ``"root"`` (the
+    whole model's graph, keys ``ulsam.<stage with _>.*``; the last resort). A plan fresh
+    from :func:`make_plan` holds the root layout until the surgery decides.
+    """
 
     stage: Stage
     groups: int
     mode: Mode
     module_name: str
+    rewrite: str = "root"
 
     @property
     def channels(self) -> int:

@@ -11,14 +11,16 @@ JSON schema ``ulsam-inject.report/1`` (integers unless noted)::
                  "bytes_read", "bytes_written"},
       "after":  {... same keys ...},
       "change": {key: {"delta": int, "percent": float}},
-      "blocks": [{"stage", "index", "mode", "module", "channels", "groups", "height",
-                  "width", "params", "macs", "flops", "other_ops", "bytes"}],
+      "blocks": [{"stage", "index", "mode", "module", "rewrite", "channels", "groups",
+                  "height", "width", "params", "macs", "flops", "other_ops", "bytes"}],
       "uncounted": [op names no rule counts]
     }
 
-A block's numbers are its own deltas: for ``after``, ULSAM's cost; for ``replace``,
-ULSAM's cost minus the removed stage's. ``ulsam-inject inject --json`` adds ``"dry_run"``
-(bool) and ``"written"`` (the paths it wrote).
+``module`` is where the block lives in the retrofitted model; ``rewrite`` is ``"stage"``
+when only the stage's own module was changed (the model keeps its class), ``"root"`` when
+the whole model's graph was. A block's numbers are its own deltas: for ``after``, ULSAM's
+cost; for ``replace``, ULSAM's cost minus the removed stage's. ``ulsam-inject inject
+--json`` adds ``"dry_run"`` (bool) and ``"written"`` (the paths it wrote).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class BlockCost:
     macs: int
     other_ops: int
     bytes: int
+    rewrite: str = "root"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class BlockCost:
             "index": self.index,
             "mode": self.mode,
             "module": self.module,
+            "rewrite": self.rewrite,
             "channels": self.channels,
             "groups": self.groups,
             "height": self.height,
@@ -155,6 +159,7 @@ def build_report(
                 macs=macs,
                 other_ops=other,
                 bytes=traffic,
+                rewrite=placement.rewrite,
             )
         )
     uncounted = tuple(sorted(set(before.uncounted) | set(after.uncounted)))

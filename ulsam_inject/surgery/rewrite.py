@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import fx, nn
 
 from ulsam_inject.block.module import ULSAM
@@ -12,13 +14,18 @@ from ulsam_inject.graph.trace import Traced
 from ulsam_inject.surgery.plan import CONTAINER, Placement, Plan
 
 
-def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
+def rewrite(
+    traced: Traced, plan: Plan, make_block: Callable[[Placement], ULSAM] | None = None
+) -> fx.GraphModule:
     """Apply ``plan`` to ``traced.graph_module`` in place and return it, recompiled.
 
-    The graph module must not share modules with a model the caller still uses
-    (:func:`ulsam_inject.inject` deep-copies first). New blocks live under the submodule
-    ``ulsam`` (state-dict keys ``ulsam.<stage name with _>.*``); a replaced stage's modules
-    are deleted, every other parameter and buffer keeps its key and value.
+    The last resort of :func:`ulsam_inject.inject`, for stages that are not a module of their
+    own: the whole model becomes this graph module. It must not share modules with a model
+    the caller still uses (``inject`` deep-copies first). New blocks come from
+    ``make_block`` (default: a fresh ``ULSAM`` on the model's device and dtype, in its mode)
+    and live under the submodule ``ulsam`` (state-dict keys ``ulsam.<stage name with _>.*``);
+    a replaced stage's modules are deleted, every other parameter and buffer keeps its key
+    and value.
     """
     graph_module = traced.graph_module
     graph = graph_module.graph
@@ -27,10 +34,13 @@ def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
     _check_names_free(container, plan)
     reference = next(iter(graph_module.parameters()), None)
     for placement in plan.placements:
-        block = ULSAM(placement.channels, placement.groups)
-        if reference is not None:
-            block = block.to(device=reference.device, dtype=reference.dtype)
-        block.train(graph_module.training)
+        if make_block is not None:
+            block = make_block(placement)
+        else:
+            block = ULSAM(placement.channels, placement.groups)
+            if reference is not None:
+                block = block.to(device=reference.device, dtype=reference.dtype)
+            block.train(graph_module.training)
         container.add_module(placement.module_name.split(".", 1)[1], block)
         if placement.mode == "after":
             _insert_after(graph, by_name, placement)
@@ -121,15 +131,15 @@ def _delete_module(graph_module: fx.GraphModule, path: str) -> None:
         graph_module.delete_submodule(path)
 
 
-def identity_blocks(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """A copy-free view for tests and checks: every ULSAM swapped for ``nn.Identity``.
+def identity_blocks(model: nn.Module) -> nn.Module:
+    """For tests and checks: every ULSAM in ``model`` swapped for ``nn.Identity``.
 
-    Modifies ``graph_module`` in place (it must be a throwaway copy) and returns it.
+    Modifies ``model`` in place (it must be a throwaway copy) and returns it. A graph calls
+    its submodules by name, so the swap needs no recompiling.
     """
-    for name, module in list(graph_module.named_modules()):
+    for name, module in list(model.named_modules()):
         if isinstance(module, ULSAM):
             parent_name, _, child = name.rpartition(".")
-            parent = graph_module.get_submodule(parent_name) if parent_name else graph_module
+            parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, nn.Identity())
-    graph_module.recompile()
-    return graph_module
+    return model
