@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import typer
 
 from ulsam_inject.errors import UlsamError
+from ulsam_inject.guards import first_sentence
 
 from . import bench, count, inject, stages
 from .common import err_console
@@ -112,8 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"error: {error.format_message()}", exit_code)  # type: ignore[attr-defined]
         if debug:
             traceback.print_exc()
-        message = str(error).strip().splitlines()
-        first = message[0] if message else ""
+        first = first_sentence(error)
         _fail(
             f"error: unexpected {type(error).__name__}: {first} (run with --debug for details)", 1
         )

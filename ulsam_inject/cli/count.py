@@ -20,6 +20,7 @@ from .common import (
     KwargsOption,
     PretrainedOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     load_model,
     note,
@@ -36,6 +37,7 @@ def count(
     input_size: str | None = InputSizeOption,
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     pretrained: bool = PretrainedOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
@@ -47,6 +49,7 @@ def count(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        trust_recipe=trust_recipe,
     )
     progress(f"counting at {'x'.join(map(str, loaded.input_size))}")
     traced = trace_model(loaded.module, loaded.input_size)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ulsam_inject.errors import GroupsError, PositionError
+from ulsam_inject.errors import GroupsError, PositionError, UlsamUsageError
+from ulsam_inject.guards import echo
 
 
 def per_position(values: list[str] | None, default: Any, *, what: str, as_int: bool) -> Any:
@@ -18,9 +19,11 @@ def per_position(values: list[str] | None, default: Any, *, what: str, as_int: b
         parsed = _parse(value.strip(), what, raw, as_int)
         if sep:
             if not position.strip():
-                raise PositionError(f"--{what} {raw!r}: the position before '=' is empty")
+                raise PositionError(f"--{what} {echo(raw)}: the position before '=' is empty")
+            _refuse_conflict(what, position.strip(), mapping.get(position.strip()), parsed)
             mapping[position.strip()] = parsed
         else:
+            _refuse_conflict(what, None, common, parsed)
             common = parsed
     if not mapping:
         return default if common is None else common
@@ -28,15 +31,25 @@ def per_position(values: list[str] | None, default: Any, *, what: str, as_int: b
     return mapping if common is None else {"all": common, **mapping}
 
 
+def _refuse_conflict(what: str, position: str | None, before: Any, now: Any) -> None:
+    """The same position given two different values: which one was meant is unknown."""
+    if before is None or before == now:
+        return
+    where = f"for {echo(position)}" if position is not None else "for every position"
+    raise UlsamUsageError(
+        f"--{what} is given twice {where}, as {before} and as {now}; give one value"
+    )
+
+
 def _parse(value: str, what: str, raw: str, as_int: bool) -> Any:
     if not as_int:
         if value not in ("after", "replace"):
-            raise PositionError(f"--{what} {raw!r}: mode must be 'after' or 'replace'")
+            raise PositionError(f"--{what} {echo(raw)}: mode must be 'after' or 'replace'")
         return value
     try:
         number = int(value)
     except ValueError:
-        raise GroupsError(f"--{what} {raw!r}: g must be a positive integer, e.g. 4") from None
+        raise GroupsError(f"--{what} {echo(raw)}: g must be a positive integer, e.g. 4") from None
     if number < 1:
-        raise GroupsError(f"--{what} {raw!r}: g must be a positive integer, e.g. 4")
+        raise GroupsError(f"--{what} {echo(raw)}: g must be a positive integer, e.g. 4")
     return number

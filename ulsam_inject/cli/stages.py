@@ -18,6 +18,7 @@ from .common import (
     KwargsOption,
     PretrainedOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     load_model,
     note,
@@ -34,6 +35,7 @@ def stages(
     input_size: str | None = InputSizeOption,
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     pretrained: bool = PretrainedOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
@@ -45,6 +47,7 @@ def stages(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        trust_recipe=trust_recipe,
     )
     progress(f"tracing at {'x'.join(map(str, loaded.input_size))}")
     traced = trace_model(loaded.module, loaded.input_size)

@@ -12,7 +12,8 @@ from torch import fx, nn
 
 from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.graph.stages import Stage, find_stages
-from ulsam_inject.graph.trace import Traced, trace_model
+from ulsam_inject.graph.trace import Traced, check_input_size, trace_model
+from ulsam_inject.guards import check_input_limits, check_model
 from ulsam_inject.surgery.plan import DEFAULT_GROUPS, Mode, Plan, make_plan
 from ulsam_inject.surgery.positions import PositionSpec
 from ulsam_inject.surgery.report import Report, build_report
@@ -98,6 +99,9 @@ def inject(
         spec = parse_model_spec(model, model_kwargs)
         source, model_kwargs = spec.spec, dict(spec.kwargs)
         model = build_model(spec)
+    check_model(model, function="inject", accepted="an nn.Module or a model spec string")
+    check_input_size(input_size)
+    check_input_limits(input_size)
     working = copy.deepcopy(model)
     traced = trace_model(working, input_size)
     stages = find_stages(traced)
