@@ -372,12 +372,12 @@ def _version_error(path: Path, found: str) -> RecipeVersionError:
 
 
 def _as_os_error(error: Exception) -> Exception:
-    """safetensors reports I/O failures as text ("... Os { code: 28, ... }"): its OSError."""
+    """safetensors reports I/O failures as text ("(os error 28)", "Os { code: 28"): its OSError."""
     import errno
     import os
     import re
 
-    found = re.search(r"Os \{ code: (\d+)", str(error))
+    found = re.search(r"(?:Os \{ code: |\(os error )(\d+)", str(error))
     if found is None:
         return error
     code = int(found.group(1))
