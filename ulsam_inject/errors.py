@@ -114,3 +114,23 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
     return f"did you mean {', '.join(close)}?" if close else ""
+
+
+class UntrustedRecipeError(ArtifactError):
+    """A recipe read from a file asks for something a file may not: code or network/file access."""
+
+
+class RecipeVersionError(ArtifactError):
+    """A retrofitted-model file was written in a format version this release does not read."""
+
+
+class ModelArgumentError(UlsamUsageError):
+    """The model passed is not an nn.Module (or spec), or its weights hold no data (meta)."""
+
+
+class ResourceLimitError(UlsamUsageError):
+    """A size (input side, batch) is beyond a documented limit or the memory available."""
+
+
+class WriteError(UlsamError):
+    """An output could not be written: the disk is full, over quota or failing."""

@@ -249,7 +249,12 @@ def test_inject_writes_every_output_and_count_rebuilds_the_file(ws: Path, tmp_pa
     assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
     # A fresh process rebuilds the model from the file's recipe (kwargs included).
-    counted = run_cli("count", "m.safetensors", "--json", cwd=tmp_path, pythonpath=ws)
+    # Its recipe names a callable (tinynet:tiny): rebuilding it runs code, so it needs trust.
+    untrusted = run_cli("count", "m.safetensors", cwd=tmp_path, pythonpath=ws)
+    assert untrusted.code == 2 and "--trust-recipe" in untrusted.stderr, untrusted.stderr
+    counted = run_cli(
+        "count", "m.safetensors", "--json", "--trust-recipe", cwd=tmp_path, pythonpath=ws
+    )
     assert counted.code == 0, counted.stderr
     assert counted.stderr == ""
     document = counted.json()
@@ -261,7 +266,7 @@ def test_inject_writes_every_output_and_count_rebuilds_the_file(ws: Path, tmp_pa
     from ulsam_inject import load
 
     with tiny_importable(ws):
-        loaded = load(tmp_path / "m.safetensors")
+        loaded = load(tmp_path / "m.safetensors", trust_recipe=True)
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     rebuilt = loaded.model.state_dict()
     for key in ("stem.0.weight", "features.1.conv.4.running_var", "head.weight"):

@@ -15,7 +15,7 @@ from torch import nn
 
 import ulsam_inject.measure.figure as figure_module
 from ulsam_inject import Retrofit, inject
-from ulsam_inject.errors import MissingDependencyError, OutputError
+from ulsam_inject.errors import MissingDependencyError, OutputError, WriteError
 from ulsam_inject.measure.figure import plot_retrofit, stage_breakdown
 from ulsam_inject.surgery.report import human
 
@@ -161,7 +161,8 @@ def test_a_failing_writer_leaves_nothing(
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", half_written)
-    with pytest.raises(OSError, match="disk full"):
+    # The writer's OSError becomes one typed error (exit code 1 in the CLI).
+    with pytest.raises(WriteError, match="disk full"):
         plot_retrofit(mnv2, retrofit, tmp_path / "figure.png", latency=False)
     assert os.listdir(tmp_path) == []
 

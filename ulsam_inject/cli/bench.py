@@ -21,10 +21,12 @@ from .common import (
     KwargsOption,
     PretrainedOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     err_console,
     load_model,
     print_json,
+    refuse_retrofitted,
 )
 from .options import per_position
 
@@ -49,6 +51,7 @@ def bench(
     repeats: int = typer.Option(30, "--repeats", "-r", min=1, help="Timed runs of each model."),
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     pretrained: bool = PretrainedOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
@@ -56,6 +59,7 @@ def bench(
     # Malformed options fail before the model is built.
     groups_value = per_position(groups, DEFAULT_GROUPS, what="groups", as_int=True)
     mode_value = per_position(mode, DEFAULT_MODE, what="mode", as_int=False)
+    refuse_retrofitted(model, "bench")
     loaded = load_model(
         model,
         checkpoint=checkpoint,
@@ -63,6 +67,7 @@ def bench(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        trust_recipe=trust_recipe,
     )
     original = loaded.module
     if loaded.retrofit is not None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from torch import nn
 
 from ulsam_inject.errors import CheckpointError, ModelSpecError, UlsamUsageError
+from ulsam_inject.guards import echo
 
 # Piped output has no terminal width; rich would fold tables to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -29,6 +30,12 @@ CheckpointOption = typer.Option(
 )
 TrustOption = typer.Option(
     False, "--trust-checkpoint", help="Allow a checkpoint that holds pickled code (runs it!)."
+)
+TrustRecipeOption = typer.Option(
+    False,
+    "--trust-recipe",
+    help="Allow a MODEL file whose recipe names a package.module:callable or arguments that "
+    "reach the network or files (imports and runs code!).",
 )
 PretrainedOption = typer.Option(
     False, "--pretrained", help="Fetch the zoo's pretrained weights (needs the network)."
@@ -61,9 +68,11 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ModelSpecError(f"--model-kwargs is not valid JSON ({error.msg}): {text!r}") from None
+        raise ModelSpecError(
+            f"--model-kwargs is not valid JSON ({error.msg}): {echo(text)}"
+        ) from None
     if not isinstance(value, dict):
-        raise ModelSpecError(f"--model-kwargs must be a JSON object, got {text!r}")
+        raise ModelSpecError(f"--model-kwargs must be a JSON object, got {echo(text)}")
     return value
 
 
@@ -86,6 +95,7 @@ def load_model(
     pretrained: bool = False,
     kwargs_text: str | None = None,
     input_size: str | None = None,
+    trust_recipe: bool = False,
 ) -> LoadedModel:
     """Resolve MODEL (spec or retrofitted file), load weights, settle the input size."""
     from ulsam_inject.io import sources
@@ -101,7 +111,7 @@ def load_model(
         from ulsam_inject.io.artifact import load
 
         progress(f"rebuilding {model}")
-        retrofit = load(model)
+        retrofit = load(model, trust_recipe=trust_recipe)
         return LoadedModel(
             retrofit.model,
             retrofit.source,
@@ -133,6 +143,20 @@ def load_model(
     return LoadedModel(
         module, spec.spec, dict(spec.kwargs), size or sources.default_input_size(spec)
     )
+
+
+def refuse_retrofitted(model: str, what: str) -> None:
+    """Refuse a MODEL file written by --out, from its recipe alone: nothing is built."""
+    if not looks_like_file(model):
+        return
+    from ulsam_inject.io.artifact import is_artifact, peek_recipe
+
+    if is_artifact(model):
+        source = peek_recipe(model)["model"]
+        raise UlsamUsageError(
+            f"{model} is already retrofitted; {what} its source model ({source}) "
+            f"with the combined positions instead"
+        )
 
 
 def progress(message: str) -> None:

@@ -19,6 +19,7 @@ from .common import (
     KwargsOption,
     PretrainedOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     load_model,
     note,
@@ -35,6 +36,7 @@ def count(
     input_size: str | None = InputSizeOption,
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     pretrained: bool = PretrainedOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
@@ -46,6 +48,7 @@ def count(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        trust_recipe=trust_recipe,
     )
     progress(f"counting at {'x'.join(map(str, loaded.input_size))}")
     traced = trace_model(loaded.module, loaded.input_size)

@@ -9,6 +9,7 @@ import typer
 from torch import nn
 
 from ulsam_inject.errors import UlsamUsageError
+from ulsam_inject.io.artifact import check_suffix
 from ulsam_inject.io.fileio import check_output_path
 from ulsam_inject.surgery.inject import Retrofit
 from ulsam_inject.surgery.inject import inject as inject_model
@@ -23,11 +24,13 @@ from .common import (
     KwargsOption,
     PretrainedOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     load_model,
     note,
     print_json,
     progress,
+    refuse_retrofitted,
 )
 from .options import per_position
 
@@ -61,6 +64,7 @@ def inject(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     pretrained: bool = PretrainedOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
@@ -81,6 +85,9 @@ def inject(
         if checkpoint is not None and path.resolve() == checkpoint.resolve():
             raise UlsamUsageError(f"output {path} is the input checkpoint; choose another path")
         check_output_path(path, force=force, protect=checkpoint)
+    if out is not None:
+        check_suffix(out)
+    refuse_retrofitted(model, "inject into")
     loaded = load_model(
         model,
         checkpoint=checkpoint,
@@ -88,6 +95,7 @@ def inject(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        trust_recipe=trust_recipe,
     )
     if loaded.retrofit is not None:
         raise UlsamUsageError(

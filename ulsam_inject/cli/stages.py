@@ -17,6 +17,7 @@ from .common import (
     KwargsOption,
     PretrainedOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     load_model,
     note,
@@ -33,6 +34,7 @@ def stages(
     input_size: str | None = InputSizeOption,
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     pretrained: bool = PretrainedOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
@@ -44,6 +46,7 @@ def stages(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        trust_recipe=trust_recipe,
     )
     progress(f"tracing at {'x'.join(map(str, loaded.input_size))}")
     traced = trace_model(loaded.module, loaded.input_size)

@@ -58,6 +58,7 @@ from ulsam_inject.graph.shapes import (
 )
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import MAX_LEAF_RETRIES, ScopeTracer, Traced, trace_model
+from ulsam_inject.guards import check_input_limits, check_model
 
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (ULSAM,)
 """The library's blocks: traced as one call each (graph/ is told so, it never imports
@@ -315,8 +316,10 @@ def count(model: nn.Module | Traced, input_size: tuple[int, int, int] | None = N
             propagate_shapes(traced.graph_module, traced.input_size)
         owner: nn.Module = traced.root if traced.root is not None else traced.graph_module
     else:
+        check_model(model, function="count", accepted="an nn.Module or a Traced")
         size = DEFAULT_INPUT_SIZE if input_size is None else input_size
         check_input_size(size)
+        check_input_limits(size)
         traced = trace_model(model, (size[0], size[1], size[2]), leaf_types=BLOCK_TYPES)
         owner = model
     per_node = tuple(_price_graph(traced.graph_module, depth=0))

@@ -21,13 +21,24 @@ from typing import Any
 
 import torch
 
-from ulsam_inject.errors import ArtifactError, CheckpointError, describe
+from ulsam_inject.errors import (
+    ArtifactError,
+    CheckpointError,
+    OutputError,
+    RecipeVersionError,
+    describe,
+)
 from ulsam_inject.graph.modes import eval_mode
+from ulsam_inject.guards import MAX_INPUT_SIDE, echo
 from ulsam_inject.io.fileio import atomic_write, check_input_file, read_safetensors_header
 from ulsam_inject.surgery.inject import Retrofit, inject
 
 FORMAT = "ulsam-inject/1"
+READABLE_FORMATS = (FORMAT,)
+"""The recipe format versions this release reads."""
 RECIPE_KEY = "ulsam_inject.recipe"
+SUFFIXES = (".safetensors", ".pt", ".pth")
+"""The file suffixes :func:`save` writes: safetensors, or a torch file."""
 
 
 def versions() -> dict[str, str]:
@@ -68,9 +79,10 @@ def save(
 ) -> Path:
     """Write the retrofitted model's weights and recipe to ``path``, atomically.
 
-    The format follows the suffix: ``.pt``/``.pth`` for a torch file, anything else for
-    safetensors. An existing file is only replaced with ``force=True``; ``protect`` (e.g.
-    the input checkpoint) is never overwritten.
+    The format follows the suffix: ``.pt``/``.pth`` for a torch file, ``.safetensors``
+    for safetensors; any other suffix is refused (:class:`OutputError`). An existing file
+    is only replaced with ``force=True``; ``protect`` (e.g. the input checkpoint) is never
+    overwritten.
 
     Example:
         >>> import tempfile, os
@@ -80,6 +92,7 @@ def save(
         >>> load(path).plan.to_list()
         [{'at': 'features.13', 'groups': 4, 'mode': 'after'}]
     """
+    check_suffix(path)
     recipe = recipe_of(retrofit, source)
     # Shared or non-contiguous tensors are stored as independent copies (safetensors
     # refuses aliasing); loading restores them into the rebuilt modules.
@@ -92,40 +105,57 @@ def save(
     if target.suffix in (".pt", ".pth"):
 
         def write(tmp: Path) -> None:
-            torch.save({"format": FORMAT, "recipe": text, "state_dict": state}, tmp)
+            # Through a Python file object, so that a full disk is an OSError with its errno.
+            with tmp.open("wb") as handle:
+                torch.save({"format": FORMAT, "recipe": text, "state_dict": state}, handle)
 
     else:
 
         def write(tmp: Path) -> None:
             from safetensors.torch import save_file
 
-            save_file(state, str(tmp), metadata={RECIPE_KEY: text})
+            try:
+                save_file(state, str(tmp), metadata={RECIPE_KEY: text})
+            except Exception as error:
+                raise _as_os_error(error) from error
 
     return atomic_write(target, write, force=force, protect=protect)
 
 
+def check_suffix(path: str | Path) -> None:
+    """Refuse an output suffix :func:`save` does not write (:class:`OutputError`)."""
+    suffix = Path(path).suffix
+    if suffix.lower() not in SUFFIXES:
+        raise OutputError(
+            f"output {echo(str(path))}: a retrofitted model is written as .safetensors or .pt "
+            f"(.pth), got {echo(suffix) if suffix else 'no suffix'}"
+        )
+
+
 def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The recipe and weights stored in a file written by :func:`save`."""
+    """The recipe and weights stored in a file written by :func:`save`.
+
+    Reading is data only: the recipe's types are checked, nothing it names is imported.
+    """
     from ulsam_inject.io.checkpoints import read_state_dict
 
     target = Path(path)
-    check_input_file(
-        target,
-        kind="retrofitted-model file",
-        expected="a file written by 'ulsam-inject inject --out'",
-        error=ArtifactError,
-    )
+    _check_file(target)
     text = _safetensors_recipe(target)
     if text is None:
         text, state = _torch_recipe(target)
     else:
         state = read_state_dict(target)
+    return _parse_recipe(text, target), state
+
+
+def _parse_recipe(text: str, target: Path) -> dict[str, Any]:
     try:
         recipe = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise ArtifactError(f"{target}: its recipe is not valid JSON ({error})") from None
     _check_recipe(recipe, target)
-    return recipe, state
+    return dict(recipe)
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -142,14 +172,33 @@ def is_artifact(path: str | Path) -> bool:
         return False
 
 
-def load(path: str | Path) -> Retrofit:
+def peek_recipe(path: str | Path) -> dict[str, Any]:
+    """The checked recipe of a file written by :func:`save`; for safetensors, its header only."""
+    target = Path(path)
+    _check_file(target)
+    text = _safetensors_recipe(target)
+    if text is None:
+        text, _ = _torch_recipe(target)
+    return _parse_recipe(text, target)
+
+
+def load(path: str | Path, *, trust_recipe: bool = False) -> Retrofit:
     """Rebuild a retrofitted model saved by :func:`save` and load its weights strictly.
 
-    The model comes back in eval mode. Example: see :func:`save`.
+    The model comes back in eval mode. A file is data: its recipe may only name
+    ``torchvision:NAME`` or ``timm:NAME`` with keyword arguments that reach neither the
+    network nor other files; anything else (a ``package.module:callable``, ``pretrained``,
+    ``checkpoint_path``, ...) raises :class:`UntrustedRecipeError` before anything is
+    imported, unless ``trust_recipe=True`` (only for files you trust: it runs code).
+    Example: see :func:`save`.
     """
     from ulsam_inject.io.checkpoints import load_state_dict_into
+    from ulsam_inject.io.sources import check_file_spec
 
     recipe, state = read_recipe(path)
+    check_file_spec(
+        recipe["model"], recipe.get("model_kwargs"), origin=str(path), trust=trust_recipe
+    )
     plan = recipe["plan"]
     channels, height, width = (int(v) for v in recipe["input_size"])
     retrofit = inject(
@@ -171,6 +220,16 @@ def load(path: str | Path) -> Retrofit:
     return retrofit
 
 
+def _check_file(path: Path) -> None:
+    """Missing, folder, unreadable, empty: told plainly before any format is guessed."""
+    check_input_file(
+        path,
+        kind="retrofitted-model file",
+        expected="a file written by 'ulsam-inject inject --out'",
+        error=ArtifactError,
+    )
+
+
 def _safetensors_recipe(path: Path) -> str | None:
     """The recipe in a safetensors header, or None when ``path`` is not safetensors."""
     try:
@@ -180,13 +239,22 @@ def _safetensors_recipe(path: Path) -> str | None:
     if header is None:
         return None
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ArtifactError(
+            f"{path}: field '__metadata__' of its safetensors header is a {_kind(meta)}, "
+            f"expected an object of strings"
+        )
     text = meta.get(RECIPE_KEY)
     if text is None:
         raise ArtifactError(
             f"{path} is a safetensors file without a ulsam-inject recipe: a plain checkpoint "
             f"goes with --checkpoint and a model spec, not as MODEL"
         )
-    return str(text)
+    if not isinstance(text, str):
+        raise ArtifactError(
+            f"{path}: field '__metadata__.{RECIPE_KEY}' is a {_kind(text)}, expected a JSON string"
+        )
+    return text
 
 
 def _torch_recipe(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
@@ -200,36 +268,101 @@ def _torch_recipe(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
             f"{path} is not a retrofitted-model file: it is truncated, corrupt or another "
             f"format ({type(error).__name__})"
         ) from None
-    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+    found = payload.get("format") if isinstance(payload, Mapping) else None
+    if isinstance(found, str) and found.startswith("ulsam-inject/") and found != FORMAT:
+        raise _version_error(path, found)
+    if not isinstance(payload, Mapping) or found != FORMAT:
         raise ArtifactError(
             f"{path} holds no ulsam-inject recipe: a plain checkpoint goes with --checkpoint "
             f"and a model spec, not as MODEL"
         )
     state = payload.get("state_dict")
     text = payload.get("recipe")
-    if not isinstance(state, Mapping) or not isinstance(text, str):
-        raise ArtifactError(f"{path}: the ulsam-inject payload is incomplete")
+    if not isinstance(text, str):
+        raise ArtifactError(
+            f"{path}: field 'recipe' of the ulsam-inject payload is "
+            f"{'missing' if text is None else 'a ' + _kind(text)}, expected a JSON string"
+        )
+    if not isinstance(state, Mapping):
+        raise ArtifactError(
+            f"{path}: field 'state_dict' of the ulsam-inject payload is "
+            f"{'missing' if state is None else 'a ' + _kind(state)}, expected a dict of tensors"
+        )
     return text, dict(state)
 
 
 def _check_recipe(recipe: Any, path: Path) -> None:
-    ok = (
-        isinstance(recipe, dict)
-        and recipe.get("format") == FORMAT
-        and isinstance(recipe.get("model"), str)
-        and isinstance(recipe.get("plan"), list)
-        and isinstance(recipe.get("input_size"), list)
-        and len(recipe["input_size"]) == 3
-        and all(isinstance(v, int) and v > 0 for v in recipe["input_size"])
-        and all(
-            isinstance(item, dict) and {"at", "groups", "mode"} <= set(item)
-            for item in recipe["plan"]
-        )
-    )
-    if not ok:
+    """Every field of a recipe has its type, or one :class:`ArtifactError` names the field."""
+    if not isinstance(recipe, dict):
+        raise ArtifactError(f"{path}: its recipe is a {_kind(recipe)}, expected an object")
+    found = recipe.get("format")
+    if found != FORMAT:
+        if isinstance(found, str) and found.startswith("ulsam-inject/"):
+            raise _version_error(path, found)
         raise ArtifactError(
-            f"{path}: the recipe is not in the {FORMAT} format (needs model, plan, input_size)"
+            f"{path}: the recipe is not in the {FORMAT} format (field 'format' is "
+            f"{echo(found)}; needs model, plan, input_size)"
         )
+
+    def bad(field: str, value: Any, expected: str) -> ArtifactError:
+        got = "missing" if value is None else f"{echo(value)} (a {_kind(value)})"
+        return ArtifactError(f"{path}: recipe field '{field}' is {got}, expected {expected}")
+
+    if not isinstance(recipe.get("model"), str):
+        raise bad("model", recipe.get("model"), "a model spec string")
+    kwargs = recipe.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad("model_kwargs", kwargs, "an object of keyword arguments")
+    size = recipe.get("input_size")
+    if not (
+        isinstance(size, list)
+        and len(size) == 3
+        and all(_is_int(v) and 0 < v <= MAX_INPUT_SIDE for v in size)
+    ):
+        raise bad("input_size", size, f"[C, H, W] of integers from 1 to {MAX_INPUT_SIDE}")
+    plan = recipe.get("plan")
+    if not isinstance(plan, list) or not plan:
+        raise bad("plan", plan, "a non-empty list of {at, groups, mode} objects")
+    for index, item in enumerate(plan):
+        where = f"plan[{index}]"
+        if not isinstance(item, dict):
+            raise bad(where, item, "an object with at, groups, mode")
+        if not isinstance(item.get("at"), str):
+            raise bad(f"{where}.at", item.get("at"), "a stage name")
+        if not (_is_int(item.get("groups")) and item["groups"] > 0):
+            raise bad(f"{where}.groups", item.get("groups"), "a positive integer")
+        if item.get("mode") not in ("after", "replace"):
+            raise bad(f"{where}.mode", item.get("mode"), "'after' or 'replace'")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, as a message says it."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _version_error(path: Path, found: str) -> RecipeVersionError:
+    return RecipeVersionError(
+        f"{path}: field 'format' is {echo(found)}, a format this release of ulsam-inject does "
+        f"not read (it reads {', '.join(READABLE_FORMATS)}); upgrade ulsam-inject to load it"
+    )
+
+
+def _as_os_error(error: Exception) -> Exception:
+    """safetensors reports I/O failures as text ("(os error 28)", "Os { code: 28"): its OSError."""
+    import errno
+    import os
+    import re
+
+    found = re.search(r"(?:Os \{ code: |\(os error )(\d+)", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code) if code else errno.errorcode.get(code, "I/O error"))
 
 
 def export_program(
@@ -278,3 +411,9 @@ def write_program(
         torch.export.save(program, tmp)
 
     return atomic_write(Path(path), write, force=force, protect=protect)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    from ulsam_inject.guards import first_sentence
+
+    return first_sentence(error, limit)

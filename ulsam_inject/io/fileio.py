@@ -11,15 +11,20 @@ writer never leaves a partial file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import signal
 import stat
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeAlias
 
-from ulsam_inject.errors import OutputError, UlsamError
+from ulsam_inject.errors import OutputError, UlsamError, WriteError
+from ulsam_inject.guards import echo
 
 __all__ = [
     "atomic_write",
@@ -98,6 +103,7 @@ def check_output_path(path: PathLike, *, force: bool, protect: PathLike | None =
         'out.safetensors'
     """
     target = Path(os.fspath(path)).expanduser().resolve()
+    _check_name(target)
     if protect is not None and _same_file(target, Path(os.fspath(protect))):
         raise OutputError(
             f"output {target} is the same file as the input {protect}; choose another path"
@@ -131,7 +137,12 @@ def atomic_write(
 
     The temporary file lives in the target's folder (so the final rename is atomic) and
     has the target's suffix (some writers pick a format by it). On any exception it is
-    removed and the exception re-raised; the target is then untouched. Without ``force``
+    removed and the exception re-raised; the target is then untouched. SIGTERM and SIGHUP
+    (when their handler is the default, which would kill the process on the spot) become
+    ``SystemExit(128 + signal)`` for the duration, so that the temporary file is removed
+    too; SIGINT raises KeyboardInterrupt as usual. An ``OSError`` while writing becomes
+    :class:`WriteError` (a full disk, exit code 1) or :class:`OutputError` (a name the
+    filesystem refuses, exit code 2). Without ``force``
     an existing target is never replaced, even one created while ``write`` ran. The file
     gets the permissions a plain ``open(path, "w")`` would give, or keeps those of the
     file it replaces.
@@ -144,27 +155,94 @@ def atomic_write(
         'hello'
     """
     target = check_output_path(path, force=force, protect=protect)
-    try:
-        handle, name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix
-        )
-    except OSError as error:
-        raise OutputError(f"cannot write in {target.parent}: {error.strerror}") from None
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        if not tmp.is_file():
-            raise OutputError(f"the writer for {target} did not leave its file at {tmp}")
-        os.chmod(tmp, _mode_for(target))
-        _fsync(tmp)
-        _publish(tmp, target, force=force)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    # Short enough for any filesystem that took the target's name; the suffix is kept
+    # (some writers pick a format by it).
+    suffix = target.suffix if len(target.suffix) <= 16 else ""
+    with _signals_as_exit():
+        try:
+            handle, name = tempfile.mkstemp(
+                dir=target.parent, prefix=f".{target.name[:40]}.", suffix=suffix
+            )
+        except OSError as error:
+            raise OutputError(f"cannot write in {target.parent}: {error.strerror}") from None
+        os.close(handle)
+        tmp = Path(name)
+        try:
+            write(tmp)
+            if not tmp.is_file():
+                raise OutputError(f"the writer for {target} did not leave its file at {tmp}")
+            os.chmod(tmp, _mode_for(target))
+            _fsync(tmp)
+            _publish(tmp, target, force=force)
+        except OSError as error:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise _write_error(target, error) from error
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
     _fsync_folder(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def _signals_as_exit() -> Iterator[None]:
+    """Within: SIGTERM/SIGHUP raise SystemExit(128 + signal) where they would kill at once.
+
+    Only where the handler is the default one (an application's own handler is left
+    alone) and only in the main thread (Python runs handlers there alone). A second
+    signal while the first unwinds is ignored, so cleanup finishes; the previous handlers
+    are restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if received:
+            return
+        received.append(signum)
+        raise SystemExit(128 + signum)
+
+    previous: dict[int, Any] = {}
+    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# A name the filesystem refuses is the user's to change (exit 2); the rest is the disk's.
+_NAME_ERRORS = (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ)
+
+
+def _write_error(target: Path, error: OSError) -> OutputError | WriteError:
+    why = error.strerror or str(error)
+    code = errno.errorcode.get(error.errno or 0, "")
+    if error.errno in _NAME_ERRORS:
+        return OutputError(f"cannot write {echo(str(target))}: {why}; choose another name")
+    return WriteError(
+        f"cannot write {target}: {why}{f' ({code})' if code else ''}; nothing was written "
+        f"and the folder is as it was"
+    )
+
+
+def _check_name(target: Path) -> None:
+    """A file name (or path) longer than the filesystem takes: one line, before any work."""
+    try:
+        limit = os.pathconf(target.parent, "PC_NAME_MAX") if target.parent.is_dir() else 255
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(target.name)) > limit:
+        raise OutputError(
+            f"output name {echo(target.name)} is {len(os.fsencode(target.name))} bytes long; "
+            f"this filesystem takes at most {limit}: choose a shorter name"
+        )
 
 
 def _publish(tmp: Path, target: Path, *, force: bool) -> None:

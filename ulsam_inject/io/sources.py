@@ -33,10 +33,12 @@ from ulsam_inject.errors import (
     MissingDependencyError,
     ModelSpecError,
     UlsamError,
+    UntrustedRecipeError,
     describe,
     did_you_mean,
 )
 from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE
+from ulsam_inject.guards import ECHO_LIMIT, check_input_limits, echo
 from ulsam_inject.io.hub import hub_fetch
 
 __all__ = [
@@ -247,15 +249,19 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
         raise InputSizeError(f"input size must be text, got {type(text).__name__}; {valid}")
     parts = [part.strip() for part in re.split("[xX\u00d7]", text.strip())]
     if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"[0-9]+", part) for part in parts):
-        raise InputSizeError(f"input size {text!r} is malformed; {valid}")
+        raise InputSizeError(f"input size {echo(text)} is malformed; {valid}")
     numbers = [int(part) for part in parts]
     if any(number <= 0 for number in numbers):
-        raise InputSizeError(f"input size {text!r} has a zero dimension; {valid}")
-    if len(numbers) == 1:
-        return (3, numbers[0], numbers[0])
-    if len(numbers) == 2:
-        return (3, numbers[0], numbers[1])
-    return (numbers[0], numbers[1], numbers[2])
+        raise InputSizeError(f"input size {echo(text)} has a zero dimension; {valid}")
+    size = (
+        (3, numbers[0], numbers[0])
+        if len(numbers) == 1
+        else (3, numbers[0], numbers[1])
+        if len(numbers) == 2
+        else (numbers[0], numbers[1], numbers[2])
+    )
+    check_input_limits(size)
+    return size
 
 
 # --- torchvision ------------------------------------------------------------------------
@@ -479,6 +485,12 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], spec: Mod
         # Factories signal bad arguments with these (torchvision's builders check values
         # with ValueError and forward unknown kwargs into a class that raises TypeError).
         raise _kwargs_error(spec, kwargs, error) from error
+    except RuntimeError as error:
+        # With keyword arguments, a failure while building is theirs (num_classes=-1:
+        # "Trying to create tensor with negative dimension"); without, it is the model's.
+        if not kwargs:
+            raise
+        raise _kwargs_error(spec, kwargs, error) from error
 
 
 # --- messages ---------------------------------------------------------------------------
@@ -486,6 +498,7 @@ def _call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], spec: Mod
 
 def _kwargs_error(spec: ModelSpec, kwargs: Mapping[str, Any], error: Exception) -> ModelSpecError:
     given = json.dumps(dict(kwargs), sort_keys=True) if kwargs else "no keyword arguments"
+    given = given if len(given) <= 2 * ECHO_LIMIT else given[: 2 * ECHO_LIMIT] + "..."
     return ModelSpecError(f"building {spec.spec} with {given} failed: {describe(error)}")
 
 
@@ -525,3 +538,82 @@ def _three(values: Any, *, channels: int) -> tuple[int, int, int]:
     if len(sides) == 2:
         return (channels, sides[0], sides[1])
     return DEFAULT_INPUT_SIZE
+
+
+# --- specs read from files --------------------------------------------------------------
+
+# Keyword arguments that reach the network or other files (weights, configs, caches): a
+# recipe read from a file may not pass them, at any depth, unless the user trusts the file.
+_REACHING_KWARG = re.compile(
+    r"(pretrained.*|weights.*|.*checkpoint.*|.*_path|.*_file|.*_dir|.*url.*|hf_hub.*|cache.*"
+    r"|file|path|dir|model_dir|filename)",
+    re.IGNORECASE,
+)
+# String values that name a place rather than a setting: URLs and timm's hub prefixes.
+_REACHING_VALUE = re.compile(r"://|^(hf-hub|hf_hub|local-dir|file):", re.IGNORECASE)
+_ZOO_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def check_file_spec(text: Any, kwargs: Any, *, origin: str, trust: bool = False) -> None:
+    """Refuse a model spec read from a file (``origin``) that could run code or reach out.
+
+    A file may name only ``torchvision:NAME`` or ``timm:NAME`` with JSON keyword
+    arguments, none of which reach the network or other files (``pretrained``,
+    ``weights``, ``checkpoint_path``, ``pretrained_cfg_overlay``, URLs, ...). With
+    ``trust=True`` (``--trust-recipe``) everything a typed spec may do is allowed.
+    Raises :class:`~ulsam_inject.errors.UntrustedRecipeError`; nothing is imported.
+
+    Example:
+        >>> check_file_spec("torchvision:mobilenet_v2", {"num_classes": 10}, origin="m.pt")
+        >>> check_file_spec("os:system", {}, origin="m.pt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ulsam_inject.errors.UntrustedRecipeError: m.pt: its recipe names the callable ...
+    """
+    if trust:
+        return
+    allow = "pass --trust-recipe (API: trust_recipe=True) only if you trust the file"
+    if not isinstance(text, str):
+        raise UntrustedRecipeError(
+            f"{origin}: its recipe's field 'model' is a {type(text).__name__}, expected a "
+            f"model spec string"
+        )
+    prefix, _, name = text.strip().partition(":")
+    if prefix.strip().lower() not in ("torchvision", "timm"):
+        raise UntrustedRecipeError(
+            f"{origin}: its recipe names the callable {echo(text)}, and building it would "
+            f"import and run code; a file may only name torchvision:NAME or timm:NAME models: "
+            f"{allow}"
+        )
+    if not _ZOO_NAME.fullmatch(name.strip()):
+        raise UntrustedRecipeError(
+            f"{origin}: its recipe names the model {echo(text)}, which is not a plain zoo name "
+            f"(hub and file prefixes reach the network or other files): {allow}"
+        )
+    found = _reaching(kwargs, "model_kwargs")
+    if found is not None:
+        raise UntrustedRecipeError(
+            f"{origin}: its recipe passes {found} to {echo(text)}, which can reach the network "
+            f"or other files; a file may only pass plain settings: {allow}"
+        )
+
+
+def _reaching(value: Any, where: str, depth: int = 0) -> str | None:
+    """The first key or value under ``value`` that reaches out, described; else None."""
+    if depth > 32:
+        return f"{where} nested over 32 levels deep"
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            if isinstance(key, str) and _REACHING_KWARG.fullmatch(key):
+                return f"keyword argument {echo(key)} (in {where})"
+            found = _reaching(inner, f"{where}.{key}", depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            found = _reaching(inner, f"{where}[{index}]", depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(value, str) and _REACHING_VALUE.search(value):
+        return f"the value {echo(value)} (in {where})"
+    return None

@@ -13,9 +13,10 @@ from torch import nn
 
 from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost.count import Cost, count
-from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE
+from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE, check_input_size
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
+from ulsam_inject.guards import check_input_limits, check_model
 from ulsam_inject.surgery.local import rewrite_stages, stage_rewritable
 from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE, Mode, Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import PositionSpec
@@ -128,6 +129,9 @@ def inject(
         spec = parse_model_spec(model, model_kwargs)
         source, model_kwargs = spec.spec, dict(spec.kwargs)
         model = build_model(spec)
+    check_model(model, function="inject", accepted="an nn.Module or a model spec string")
+    check_input_size(input_size)
+    check_input_limits(input_size)
     working = copy.deepcopy(model)
     traced = trace_model(working, input_size)
     stages = find_stages(traced)

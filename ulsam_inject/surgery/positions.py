@@ -16,6 +16,7 @@ from ulsam_inject.errors import PositionError, did_you_mean
 from ulsam_inject.graph.shapes import node_shape
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
+from ulsam_inject.guards import echo
 
 PositionSpec = int | str | Sequence[int | str]
 
@@ -30,17 +31,21 @@ def split_spec(spec: PositionSpec) -> list[int | str]:
     elif isinstance(spec, Sequence):
         items = list(spec)
     else:
-        raise PositionError(f"a position is an int or a string (or a list of them), got {spec!r}")
+        raise PositionError(
+            f"a position is an int or a string (or a list of them), got {echo(spec)}"
+        )
     tokens: list[int | str] = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise PositionError(f"a position is an int or a string, got {item!r}")
+            raise PositionError(f"a position is an int or a string, got {echo(item)}")
         if isinstance(item, int):
             tokens.append(item)
         else:
             tokens.extend(t.strip() for t in item.split(","))
     if not tokens or any(t == "" for t in tokens):
-        raise PositionError(f"empty position in {spec!r}; e.g. '13', '12-15', 'features.1*', 'all'")
+        raise PositionError(
+            f"empty position in {echo(spec)}; e.g. '13', '12-15', 'features.1*', 'all'"
+        )
     return tokens
 
 
@@ -91,14 +96,15 @@ def _resolve_token(token: int | str, stages: Sequence[Stage], traced: Traced | N
         indices = _as_indices(token, count)
         if indices is None:
             if _INDEX.match(token):
-                raise PositionError(f"stage index {token} is out of range: {valid}")
-            raise PositionError(f"stage range {token!r} is invalid: {valid}, start <= end")
+                shown = token if len(token) <= 40 else echo(token)
+                raise PositionError(f"stage index {shown} is out of range: {valid}")
+            raise PositionError(f"stage range {echo(token)} is invalid: {valid}, start <= end")
         return [stages[i] for i in indices]
     if any(ch in token for ch in "*?["):
         found = [s for s in stages if fnmatchcase(s.name, token)]
         if not found:
             raise PositionError(
-                f"pattern {token!r} matches no stage; stages are {_sample(by_name)}"
+                f"pattern {echo(token)} matches no stage; stages are {_sample(by_name)}"
             )
         return found
     raise PositionError(_unknown_name_message(token, by_name, traced))
@@ -111,7 +117,7 @@ def _ambiguous_message(
     reading = f"index {indices[0]}" if len(indices) == 1 else f"indices {token}"
     others = ", ".join(f"{i - count} for {stages[i].name!r}" for i in indices[:4])
     return (
-        f"position {token!r} is ambiguous: it names stage {named.index} and also reads as "
+        f"position {echo(token)} is ambiguous: it names stage {named.index} and also reads as "
         f"{reading}; negative indices are never names: use {named.index - count} for "
         f"{named.name!r}, or {others}"
     )
@@ -120,6 +126,8 @@ def _ambiguous_message(
 def _as_indices(token: str, count: int) -> list[int] | None:
     """The stage indices a numeric token reads as (``"3"``, ``"-1"``, ``"2-5"``), or None
     when out of range."""
+    if len(token) > 40:  # no model has that many stages; int() of 4300+ digits would raise
+        return None
     if _INDEX.match(token):
         index = int(token)
         return [index % count] if -count <= index < count else None
@@ -143,19 +151,19 @@ def _unknown_name_message(token: str, by_name: dict[str, Stage], traced: Traced 
         holder = next((s for s in by_name.values() if leaf in s.modules), None)
         use = f"; the whole leaf is stage {holder.name!r}" if holder is not None else ""
         return (
-            f"position {token!r} lies inside {leaf!r}, a leaf: a submodule torch.fx cannot trace "
-            f"through ({traced.leaves[leaf]}), so nothing can be placed inside it{use}"
+            f"position {echo(token)} lies inside {leaf!r}, a leaf: a submodule torch.fx "
+            f"cannot trace through ({traced.leaves[leaf]}), so nothing can be placed inside it{use}"
         )
     for stage in by_name.values():
         if any(token.startswith(m + ".") or token == m for m in stage.modules):
             return (
-                f"{token!r} lies inside stage {stage.name!r}: a position is a whole stage "
+                f"{echo(token)} lies inside stage {stage.name!r}: a position is a whole stage "
                 f"(ULSAM goes on its output); use {stage.name!r} or index {stage.index}"
             )
     if traced is not None:
         if leaf is not None:
             return (
-                f"position {token!r} is a leaf, a submodule torch.fx cannot trace through "
+                f"position {echo(token)} is a leaf, a submodule torch.fx cannot trace through "
                 f"({traced.leaves[leaf]}) and holds no depthwise/pointwise stage"
             )
         root = traced.root if traced.root is not None else traced.graph_module
@@ -163,18 +171,19 @@ def _unknown_name_message(token: str, by_name: dict[str, Stage], traced: Traced 
             shape = _output_shape(traced, token)
             if shape is not None and len(shape) != 4:
                 return (
-                    f"{token!r} is a module of the model, but its output is {len(shape)}-D "
+                    f"{echo(token)} is a module of the model, but its output is {len(shape)}-D "
                     f"{shape}: ULSAM needs a 4-D (batch, channels, height, width) activation; "
                     f"stages are {_sample(by_name)}"
                 )
             return (
-                f"{token!r} is a module of the model but not a depthwise/pointwise stage; "
+                f"{echo(token)} is a module of the model but not a depthwise/pointwise stage; "
                 f"stages are {_sample(by_name)}"
             )
     close = did_you_mean(token, by_name)
     hint = f"; {close}" if close else f"; stages are {_sample(by_name)}"
     return (
-        f"unknown position {token!r}{hint} (an index, a range like 12-15, a name, a glob or 'all')"
+        f"unknown position {echo(token)}{hint} "
+        f"(an index, a range like 12-15, a name, a glob or 'all')"
     )
 
 

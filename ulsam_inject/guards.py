@@ -1,0 +1,105 @@
+"""Guards against absurd or hostile input: size limits and bounded echoes of user values.
+
+Every message that repeats what the user gave goes through :func:`echo`, so a 100 kB
+argument is not printed back whole; every message that quotes another library's error goes
+through :func:`first_sentence`, which cuts at a sentence or clause boundary, never inside
+a word.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+
+from ulsam_inject.errors import InputSizeError, ModelArgumentError
+
+__all__ = [
+    "ECHO_LIMIT",
+    "MAX_INPUT_SIDE",
+    "check_input_limits",
+    "check_model",
+    "echo",
+    "first_sentence",
+]
+
+MAX_INPUT_SIDE = 4096
+"""The largest input channels, height or width accepted (a 4096x4096 image is 64 MiB in fp32)."""
+ECHO_LIMIT = 80
+"""How many characters of a user value a message repeats."""
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters.
+
+    Example:
+        >>> echo("features.13")
+        "'features.13'"
+        >>> echo("x" * 1000, limit=10)
+        "'xxxxxxxxxx'... (1000 characters)"
+    """
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def first_sentence(error: BaseException | str, limit: int = 240) -> str:
+    """The first sentence of an error's first line, cut at a clause or word boundary.
+
+    Example:
+        >>> first_sentence("aten::equal: no Meta kernel. Please see the tutorial.\\nmore")
+        'aten::equal: no Meta kernel'
+    """
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    sentence = lines[0].split(". ")[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    head = sentence[:limit]
+    for mark in ("; ", ", ", ": ", " "):
+        cut = head.rfind(mark)
+        if cut > limit // 2:
+            return head[:cut].rstrip(",;:") + " ..."
+    return head + " ..."
+
+
+def check_input_limits(size: Sequence[int], what: str = "input size") -> None:
+    """Refuse a (C, H, W) with a side above :data:`MAX_INPUT_SIDE` (:class:`InputSizeError`).
+
+    Example:
+        >>> check_input_limits((3, 224, 224))
+        >>> check_input_limits((3, 5000, 224))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ulsam_inject.errors.InputSizeError: input size 3x5000x224 is too large: ...
+    """
+    if any(isinstance(v, int) and v > MAX_INPUT_SIDE for v in size):
+        shown = "x".join(str(v) for v in size)
+        raise InputSizeError(
+            f"{what} {shown} is too large: "
+            f"each of channels, height and width must be at most {MAX_INPUT_SIDE}"
+        )
+
+
+def check_model(model: object, *, function: str, accepted: str = "an nn.Module") -> None:
+    """Refuse what is not a usable module: another type, or weights on the meta device.
+
+    Raises :class:`~ulsam_inject.errors.ModelArgumentError` naming the type received, or
+    the first parameter or buffer that holds no data.
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ModelArgumentError(
+            f"{function}() takes {accepted}, got {type(model).__name__} {echo(model)}"
+        )
+    tensors = chain(model.named_parameters(), model.named_buffers())
+    meta = next((name for name, tensor in tensors if tensor.is_meta), None)
+    if meta is not None:
+        raise ModelArgumentError(
+            f"{function}(): the model's weights are on the meta device (e.g. {meta!r}), so they "
+            f"hold no data to copy or run; materialize it first, e.g. "
+            f"model.to_empty(device='cpu') and load its weights"
+        )
