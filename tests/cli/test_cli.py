@@ -366,3 +366,35 @@ def test_a_failure_after_writing_removes_what_the_run_wrote(
         "(run with --debug for details)"
     ]
     assert sorted(snapshot(tmp_path)) == ["old.pt2"]
+
+
+def test_inject_seed_gives_the_api_blocks_bit_for_bit(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from ulsam_inject import inject
+
+    written = []
+    for name in ("a.safetensors", "b.safetensors"):
+        result = run_cli(
+            "inject",
+            "torchvision:mobilenet_v2",
+            "--at",
+            "features.13",
+            "--input-size",
+            "64",
+            "--seed",
+            "11",
+            "--out",
+            name,
+            cwd=tmp_path,
+        )
+        assert result.code == 0, result.stderr
+        written.append(load_file(str(tmp_path / name)))
+    api = inject(
+        "torchvision:mobilenet_v2", at="features.13", input_size=(3, 64, 64), seed=11
+    ).model.state_dict()
+    block_keys = [k for k in api if k.startswith("features.13.ulsam.")]
+    assert block_keys
+    for key in block_keys:
+        assert torch.equal(written[0][key], written[1][key]), key
+        assert torch.equal(written[0][key], api[key]), key

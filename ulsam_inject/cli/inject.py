@@ -62,6 +62,9 @@ def inject(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report only; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed for the new blocks' initial weights (same seed, same blocks)."
+    ),
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
     trust_recipe: bool = TrustRecipeOption,
@@ -109,6 +112,7 @@ def inject(
         groups=groups_value,
         mode=mode_value,
         input_size=loaded.input_size,
+        seed=seed,
     )
     result = result.with_source(loaded.source, loaded.source_kwargs)
     report = result.report

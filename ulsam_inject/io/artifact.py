@@ -32,6 +32,7 @@ from ulsam_inject.graph.modes import eval_mode
 from ulsam_inject.guards import MAX_INPUT_SIDE, echo
 from ulsam_inject.io.fileio import atomic_write, check_input_file, read_safetensors_header
 from ulsam_inject.surgery.inject import Retrofit, inject
+from ulsam_inject.surgery.plan import module_name_for
 
 FORMAT = "ulsam-inject/1"
 READABLE_FORMATS = (FORMAT,)
@@ -210,7 +211,7 @@ def load(path: str | Path, *, trust_recipe: bool = False) -> Retrofit:
         model_kwargs=recipe.get("model_kwargs") or {},
     )
     try:
-        load_state_dict_into(retrofit.model, state)
+        load_state_dict_into(retrofit.model, _moved_block_keys(state, retrofit))
     except CheckpointError as error:
         raise ArtifactError(
             f"{path}: its weights do not fit the model its recipe rebuilds ({error}); was it "
@@ -218,6 +219,26 @@ def load(path: str | Path, *, trust_recipe: bool = False) -> Retrofit:
         ) from None
     retrofit.model.eval()
     return retrofit
+
+
+def _moved_block_keys(
+    state: dict[str, torch.Tensor], retrofit: Retrofit
+) -> dict[str, torch.Tensor]:
+    """``state`` with blocks saved where earlier releases put them, under the model's
+    ``ulsam`` container (``ulsam.features_13.*``), moved to where they live now
+    (``features.13.ulsam.*``): older files keep loading."""
+    moves = {
+        module_name_for(p.stage.name) + ".": p.module_name + "."
+        for p in retrofit.plan.placements
+        if p.module_name != module_name_for(p.stage.name)
+    }
+    if not moves or not any(k.startswith(tuple(moves)) for k in state):
+        return state
+    moved = {}
+    for key, value in state.items():
+        old = next((o for o in moves if key.startswith(o)), None)
+        moved[moves[old] + key[len(old) :] if old else key] = value
+    return moved
 
 
 def _check_file(path: Path) -> None:
