@@ -8,7 +8,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ulsam_inject.errors import UlsamUsageError
 from ulsam_inject.measure.bench import LatencyReport, measure_latency
 from ulsam_inject.surgery.inject import inject as inject_model
 from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE
@@ -63,12 +62,9 @@ def bench(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        source_only="bench its source model ({source}) with --at",
     )
     original = loaded.module
-    if loaded.retrofit is not None:
-        raise UlsamUsageError(
-            f"{model} is already retrofitted; bench its source model ({loaded.source}) with --at"
-        )
     result = inject_model(
         original,
         at=at,

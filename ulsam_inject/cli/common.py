@@ -86,8 +86,13 @@ def load_model(
     pretrained: bool = False,
     kwargs_text: str | None = None,
     input_size: str | None = None,
+    source_only: str | None = None,
 ) -> LoadedModel:
-    """Resolve MODEL (spec or retrofitted file), load weights, settle the input size."""
+    """Resolve MODEL (spec or retrofitted file), load weights, settle the input size.
+
+    Every command starts here. A command that retrofits (``inject``, ``bench``) passes
+    ``source_only``, what to do instead, and a retrofitted file is refused with it.
+    """
     from ulsam_inject.io import sources
     from ulsam_inject.io.checkpoints import load_state_dict_into, read_state_dict
 
@@ -102,6 +107,10 @@ def load_model(
 
         progress(f"rebuilding {model}")
         retrofit = load(model)
+        if source_only is not None:
+            raise UlsamUsageError(
+                f"{model} is already retrofitted; {source_only.format(source=retrofit.source)}"
+            )
         return LoadedModel(
             retrofit.model,
             retrofit.source,

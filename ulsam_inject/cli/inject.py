@@ -88,12 +88,8 @@ def inject(
         pretrained=pretrained,
         kwargs_text=model_kwargs,
         input_size=input_size,
+        source_only="inject into its source model ({source}) with the combined positions instead",
     )
-    if loaded.retrofit is not None:
-        raise UlsamUsageError(
-            f"{model} is already retrofitted; inject into its source model "
-            f"({loaded.source}) with the combined positions instead"
-        )
     progress(f"tracing and rewriting at {'x'.join(map(str, loaded.input_size))}")
     result = inject_model(
         loaded.module,
