@@ -15,8 +15,12 @@ from ulsam_inject.surgery.plan import CONTAINER, Placement, Plan
 def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
     """Apply ``plan`` to ``traced.graph_module`` in place and return it, recompiled.
 
-    The graph module must not share modules with a model the caller still uses
-    (:func:`ulsam_inject.inject` deep-copies first). New blocks live under the submodule
+    Mutated: ``traced.graph_module`` itself (its graph, its code, a new ``ulsam``
+    submodule, a replaced stage's submodules deleted, its recorded structure) and so
+    ``traced``, which holds it. Rewriting in place is deliberate: copying a graph module
+    here would copy every weight a second time, and :func:`ulsam_inject.inject` already works
+    on a deep copy of the user's model, so the user's model is never touched. The graph
+    module must not share modules with a model the caller still uses. New blocks live under the submodule
     ``ulsam`` (state-dict keys ``ulsam.<stage name with _>.*``); a replaced stage's modules
     are deleted, every other parameter and buffer keeps its key and value.
     """
