@@ -20,9 +20,11 @@ def rewrite(traced: Traced, plan: Plan) -> fx.GraphModule:
     ``traced``, which holds it. Rewriting in place is deliberate: copying a graph module
     here would copy every weight a second time, and :func:`ulsam_inject.inject` already works
     on a deep copy of the user's model, so the user's model is never touched. The graph
-    module must not share modules with a model the caller still uses. New blocks live under the submodule
-    ``ulsam`` (state-dict keys ``ulsam.<stage name with _>.*``); a replaced stage's modules
-    are deleted, every other parameter and buffer keeps its key and value.
+    module must not share modules with a model the caller still uses.
+
+    New blocks live under the submodule ``ulsam`` (state-dict keys
+    ``ulsam.<stage name with _>.*``); a replaced stage's modules are deleted, every other
+    parameter and buffer keeps its key and value.
     """
     graph_module = traced.graph_module
     graph = graph_module.graph
