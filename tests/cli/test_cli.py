@@ -203,7 +203,7 @@ def test_inject_prints_tables_without_json(ws: Path, tmp_path: Path) -> None:
     out = result.stdout
     assert "ULSAM blocks" in out and "Totals" in out
     assert "replace" in out and "after" in out and "features.2" in out
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(json.JSONDecodeError, match="line 1 column"):
         json.loads(out)
     assert snapshot(tmp_path) == {}
 
