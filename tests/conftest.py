@@ -35,6 +35,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def mnv2() -> nn.Module:
+    """A seeded, weightless torchvision MobileNetV2 in eval mode, one per test module."""
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2(weights=None).eval()
+
+
 @pytest.fixture
 def tv_model() -> Callable[..., nn.Module]:
     """``tv_model(name, **kwargs)``: a seeded, weightless torchvision model in eval mode."""

@@ -14,6 +14,9 @@ from ulsam_inject import ULSAM, find_stages, inject
 from ulsam_inject.errors import PositionError
 from ulsam_inject.surgery.rewrite import identity_blocks
 
+# Zoo-wide: many models traced and rewritten (CI runs it; `-m 'not slow'` skips it).
+pytestmark = pytest.mark.slow
+
 SIZE = (3, 64, 64)
 
 TORCHVISION = [

@@ -26,6 +26,9 @@ from cli_helpers import (
 )
 from safetensors.torch import save_file
 
+# Each test starts the real script in a subprocess (torch imported anew each time).
+pytestmark = pytest.mark.slow
+
 SIZE = ("--input-size", TINY_SIZE)
 STAGE_KEYS = {
     "index",
@@ -120,7 +123,7 @@ def test_stages_table_with_a_safetensors_checkpoint(ws: Path, tmp_path: Path) ->
     assert "3 stages of tinynet:tiny" in result.stdout
     for text in ("replaceable", "features.0", "features.1", "features.2", "16x16", "8x8"):
         assert text in result.stdout
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(json.JSONDecodeError, match="line 1 column"):
         json.loads(result.stdout)
 
 
@@ -200,7 +203,7 @@ def test_inject_prints_tables_without_json(ws: Path, tmp_path: Path) -> None:
     out = result.stdout
     assert "ULSAM blocks" in out and "Totals" in out
     assert "replace" in out and "after" in out and "features.2" in out
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(json.JSONDecodeError, match="line 1 column"):
         json.loads(out)
     assert snapshot(tmp_path) == {}
 

@@ -25,6 +25,9 @@ from cli_helpers import (
 )
 from safetensors.torch import save_file
 
+# Each test starts the real script in a subprocess (torch imported anew each time).
+pytestmark = pytest.mark.slow
+
 SIZE = ("--input-size", TINY_SIZE)
 
 

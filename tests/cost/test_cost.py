@@ -153,7 +153,7 @@ def test_traced_without_shapes_gets_them() -> None:
 
 @pytest.mark.parametrize("size", [(3, 224), (0, 5, 5), "3x224x224"])
 def test_bad_input_size(size: object) -> None:
-    with pytest.raises(InputSizeError):
+    with pytest.raises(InputSizeError, match=r"input size must be \(channels, height, width\)"):
         count(Small(), size)  # type: ignore[arg-type]
 
 

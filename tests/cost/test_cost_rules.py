@@ -162,7 +162,7 @@ def test_einsum_contractions() -> None:
     real_q, real_k = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 9, 8)
     expected = flop_counter_macs(torch.einsum, "bhid,bhjd->bhij", real_q, real_k)
     assert expected == einsum_macs("bhid,bhjd->bhij", [q, k])
-    with pytest.raises(NoRule):
+    with pytest.raises(NoRule, match="einsum with 3 operands"):
         einsum_macs("ij,jk,kl->il", [meta(2, 2)] * 3)
 
 

@@ -277,6 +277,7 @@ def test_builder_expectations_on_a_fixed_net():
     assert [s.residual for s in stages] == [False, True, False, True, False]
 
 
+@pytest.mark.slow  # 40 random networks, each built and traced
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(nets())
 def test_random_compact_cnns_have_the_stages_they_were_built_with(net):

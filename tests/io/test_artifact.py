@@ -254,7 +254,7 @@ def test_load_refuses_truncated_files(saved: dict[str, Path], tmp_path: Path) ->
         for cut in (100, len(data) // 2, len(data) - 1):
             truncated = tmp_path / f"{cut}.{name}"
             truncated.write_bytes(data[:cut])
-            with pytest.raises((ArtifactError, CheckpointError)):
+            with pytest.raises((ArtifactError, CheckpointError), match=str(cut)):
                 load(truncated)
 
 
@@ -357,6 +357,7 @@ def run_python(script: str, folder: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # two fresh Python processes, each importing torch
 def test_fresh_process_rebuilds_bitwise_identical_outputs(tmp_path: Path) -> None:
     here = Path(__file__).parent
     saver = SAVER.format(tests=str(here), shared=str(here.parent))

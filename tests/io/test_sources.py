@@ -114,7 +114,7 @@ def test_spec_kwargs_are_a_read_only_json_copy() -> None:
     given_kwargs["num_classes"] = 5
     assert spec.kwargs["num_classes"] == 10  # the caller's dict is not shared
     assert spec.kwargs["dims"] == [1, 2]  # JSON-normalised: what a recipe will rebuild
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="does not support item assignment"):
         spec.kwargs["num_classes"] = 3  # type: ignore[index]
     same = parse_model_spec("torchvision:mobilenet_v2", {"dims": [1, 2], "num_classes": 10})
     assert spec == same and hash(spec) == hash(same)

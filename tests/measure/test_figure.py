@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import ulsam_inject.measure.figure as figure_module
@@ -28,12 +27,6 @@ REPLACED = "features.12"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def mnv2() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.mobilenet_v2(weights=None).eval()
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +79,7 @@ def test_breakdown_macs_agree_with_the_report(
             assert data["macs_block"][i] == 0
 
 
+@pytest.mark.slow  # times every node of two MobileNetV2s
 def test_breakdown_latency_shares(mnv2: nn.Module, retrofit: Retrofit) -> None:
     data = stage_breakdown(mnv2, retrofit, repeats=1)
     names = data["stages"]
@@ -114,6 +108,7 @@ def test_png_is_written(mnv2: nn.Module, retrofit: Retrofit, tmp_path: Path) -> 
     assert leftovers(tmp_path, "mnv2.png") == []
 
 
+@pytest.mark.slow  # times every node of two MobileNetV2s
 def test_svg_with_latency_is_written(mnv2: nn.Module, retrofit: Retrofit, tmp_path: Path) -> None:
     target = tmp_path / "mnv2.SVG"  # the suffix is matched case-insensitively
     plot_retrofit(mnv2, retrofit, str(target), repeats=1)

@@ -59,7 +59,9 @@ def test_every_node_gets_a_time() -> None:
     (seconds,) = node_latencies([graph_module], SIZE, repeats=3)
     assert list(seconds) == [n.name for n in graph_module.graph.nodes]
     assert all(v >= 0 for v in seconds.values())
-    assert seconds["conv"] > 0 and seconds["attend"] > 0
+    # The nodes that compute take time; the placeholder and output take next to none.
+    for name in ("conv", "attend"):
+        assert seconds[name] > seconds["x"] and seconds[name] > seconds["output"]
 
 
 @pytest.mark.parametrize(("warmup", "repeats"), [(0, 1), (2, 3)])
@@ -115,5 +117,5 @@ def test_statistics(statistic: str) -> None:
     [{"repeats": 0}, {"batch": 0}, {"warmup": -1}, {"statistic": "mean"}],
 )
 def test_bad_arguments(kwargs: dict[str, object]) -> None:
-    with pytest.raises(UlsamUsageError):
+    with pytest.raises(UlsamUsageError, match=r"must be >= 1|statistic must be one of"):
         node_latencies([traced()], SIZE, **kwargs)  # type: ignore[arg-type]

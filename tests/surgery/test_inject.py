@@ -276,6 +276,7 @@ def _doubled_at(model: nn.Module, stages: list[Stage], modes: dict[int, str]) ->
     return model
 
 
+@pytest.mark.slow  # 25 random plans, each traced, rewritten and run
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plans())
 def test_injection_at_random_positions_keeps_shapes_and_outputs(case):

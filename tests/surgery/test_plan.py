@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from ulsam_inject import find_stages, make_plan, trace_model
+from ulsam_inject import make_plan
 from ulsam_inject.errors import (
     GroupsError,
     ModeError,
@@ -14,19 +13,6 @@ from ulsam_inject.errors import (
     UlsamUsageError,
 )
 from ulsam_inject.surgery.plan import module_name_for
-
-
-@pytest.fixture(scope="module")
-def traced():
-    import torchvision
-
-    torch.manual_seed(0)
-    return trace_model(torchvision.models.mobilenet_v2(weights=None), (3, 64, 64))
-
-
-@pytest.fixture(scope="module")
-def stages(traced):
-    return find_stages(traced)
 
 
 def test_one_groups_value_for_every_position(stages):
@@ -124,5 +110,5 @@ def test_unknown_position_in_a_mapping(stages, traced):
 
 def test_plan_errors_are_usage_errors(stages):
     for kwargs in ({"groups": 7}, {"mode": "replace", "at": "features.14"}):
-        with pytest.raises(UlsamUsageError):
+        with pytest.raises(UlsamUsageError, match=r"features\.14"):
             make_plan(stages, **({"at": "features.14"} | kwargs))

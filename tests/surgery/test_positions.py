@@ -11,19 +11,6 @@ from ulsam_inject.errors import PositionError, UlsamUsageError
 from ulsam_inject.surgery.positions import split_spec
 
 
-@pytest.fixture(scope="module")
-def traced():
-    import torchvision
-
-    torch.manual_seed(0)
-    return trace_model(torchvision.models.mobilenet_v2(weights=None).eval(), (3, 64, 64))
-
-
-@pytest.fixture(scope="module")
-def stages(traced):
-    return find_stages(traced)
-
-
 def names(spec, stages, traced=None):
     return [s.name for s in resolve_positions(spec, stages, traced)]
 
@@ -176,9 +163,9 @@ def test_model_without_stages():
 
 
 def test_position_errors_are_usage_errors(stages):
-    with pytest.raises(UlsamUsageError):
+    with pytest.raises(UlsamUsageError, match="99"):
         resolve_positions(99, stages)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="99"):
         resolve_positions(99, stages)
 
 

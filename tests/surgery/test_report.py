@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-import torchvision
 from rich.console import Console
 from torch import nn
 
@@ -24,12 +22,6 @@ BLOCK_KEYS = {"stage", "mode", "channels", "groups", "height", "width", "params"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def mnv2() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.mobilenet_v2(weights=None).eval()
 
 
 def block_deltas(report: Report) -> dict[str, int]:

@@ -66,7 +66,7 @@ def test_replace_removes_the_stage_and_feeds_its_input_to_the_block(tv_model):
     names = {n.name for n in gm.graph.nodes}
     assert not names & set(stage.nodes)
     assert not any(k.startswith("features.13.") for k in gm.state_dict())
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="has no attribute `13`"):
         gm.get_submodule("features.13")
     (block,) = [n for n in gm.graph.nodes if n.target == "ulsam.features_13"]
     assert block.args[0].name == stage.input_node

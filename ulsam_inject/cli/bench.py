@@ -8,7 +8,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ulsam_inject.errors import UlsamUsageError
 from ulsam_inject.measure.bench import LatencyReport, measure_latency
 from ulsam_inject.surgery.inject import inject as inject_model
 from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE
@@ -70,10 +69,6 @@ def bench(
         trust_recipe=trust_recipe,
     )
     original = loaded.module
-    if loaded.retrofit is not None:
-        raise UlsamUsageError(
-            f"{model} is already retrofitted; bench its source model ({loaded.source}) with --at"
-        )
     result = inject_model(
         original,
         at=at,

@@ -97,7 +97,12 @@ def load_model(
     input_size: str | None = None,
     trust_recipe: bool = False,
 ) -> LoadedModel:
-    """Resolve MODEL (spec or retrofitted file), load weights, settle the input size."""
+    """Resolve MODEL (spec or retrofitted file), load weights, settle the input size.
+
+    Every command starts here. The commands that retrofit (``inject``, ``bench``) call
+    :func:`refuse_retrofitted` first: a retrofitted file is refused from its recipe alone,
+    before anything it names is built.
+    """
     from ulsam_inject.io import sources
     from ulsam_inject.io.checkpoints import load_state_dict_into, read_state_dict
 

@@ -100,11 +100,6 @@ def inject(
         input_size=input_size,
         trust_recipe=trust_recipe,
     )
-    if loaded.retrofit is not None:
-        raise UlsamUsageError(
-            f"{model} is already retrofitted; inject into its source model "
-            f"({loaded.source}) with the combined positions instead"
-        )
     progress(f"tracing and rewriting at {'x'.join(map(str, loaded.input_size))}")
     result = inject_model(
         loaded.module,

@@ -293,6 +293,10 @@ def count(model: nn.Module | Traced, input_size: tuple[int, int, int] | None = N
     them recorded in its nodes). The model is not changed: no hooks, no
     new state, train/eval flags restored.
 
+    Mutated: only a ``Traced`` given without shapes, whose nodes get their
+    ``node.meta["value"]`` recorded (what :func:`~ulsam_inject.graph.trace.trace_model`
+    would have recorded), so that later counts of the same graph reuse them.
+
     Raises :class:`~ulsam_inject.errors.TraceError` or
     :class:`~ulsam_inject.errors.ShapeError` when the model cannot be traced or run.
 

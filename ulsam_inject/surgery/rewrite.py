@@ -20,12 +20,17 @@ def rewrite(
     """Apply ``plan`` to ``traced.graph_module`` in place and return it, recompiled.
 
     The last resort of :func:`ulsam_inject.inject`, for stages that are not a module of their
-    own: the whole model becomes this graph module. It must not share modules with a model
-    the caller still uses (``inject`` deep-copies first). New blocks come from
-    ``make_block`` (default: a fresh ``ULSAM`` on the model's device and dtype, in its mode)
-    and live under the submodule ``ulsam`` (state-dict keys ``ulsam.<stage name with _>.*``);
-    a replaced stage's modules are deleted, every other parameter and buffer keeps its key
-    and value.
+    own: the whole model becomes this graph module. New blocks come from ``make_block``
+    (default: a fresh ``ULSAM`` on the model's device and dtype, in its mode) and live under
+    the submodule ``ulsam`` (state-dict keys ``ulsam.<stage name with _>.*``); a replaced
+    stage's modules are deleted, every other parameter and buffer keeps its key and value.
+
+    Mutated: ``traced.graph_module`` itself (its graph, its code, a new ``ulsam``
+    submodule, a replaced stage's submodules deleted, its recorded structure) and so
+    ``traced``, which holds it. Rewriting in place is deliberate: copying a graph module
+    here would copy every weight a second time, and :func:`ulsam_inject.inject` already works
+    on a deep copy of the user's model, so the user's model is never touched. The graph
+    module must not share modules with a model the caller still uses.
     """
     graph_module = traced.graph_module
     graph = graph_module.graph
