@@ -80,24 +80,34 @@ class ShapeError(UlsamError):
     """Shapes could not be propagated through the traced model."""
 
 
-def first_line(error: BaseException, *, limit: int | None = 160, sentence: bool = True) -> str:
+def first_line(
+    error: BaseException | str, *, limit: int | None = 160, sentence: bool = True
+) -> str:
     """The gist of ``error``'s message, for a one-line error of our own.
 
     The first non-empty line, and of it only the first sentence when ``sentence`` is true
-    (torch's messages go on for paragraphs), cut to ``limit`` characters with ``...``;
-    the exception's type name when the message is empty.
+    (torch's messages go on for paragraphs); past ``limit`` characters it is cut at a
+    clause or word boundary, never inside a word, and ends in `` ...``; the exception's
+    type name when the message is empty.
 
     Example:
         >>> first_line(ValueError("bad shape. More on this.\\nTraceback"))
         'bad shape'
+        >>> first_line("one two three four five six", limit=14)
+        'one two three ...'
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
-        return type(error).__name__
-    text = lines[0].split(". ")[0] if sentence else lines[0]
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    text = lines[0].split(". ")[0].rstrip(".") if sentence else lines[0]
     if limit is None or len(text) <= limit:
         return text
-    return text[: limit - 3] + "..."
+    head = text[:limit]
+    for mark in ("; ", ", ", ": ", " "):
+        cut = head.rfind(mark)
+        if cut > limit // 2:
+            return head[:cut].rstrip(",;:") + " ..."
+    return head + " ..."
 
 
 def describe(error: BaseException, *, limit: int | None = 160, sentence: bool = True) -> str:

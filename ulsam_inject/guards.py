@@ -1,9 +1,8 @@
 """Guards against absurd or hostile input: size limits and bounded echoes of user values.
 
 Every message that repeats what the user gave goes through :func:`echo`, so a 100 kB
-argument is not printed back whole; every message that quotes another library's error goes
-through :func:`first_sentence`, which cuts at a sentence or clause boundary, never inside
-a word.
+argument is not printed back whole (messages that quote another library's error go through
+:func:`ulsam_inject.errors.first_line`, which cuts at a clause or word boundary).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ __all__ = [
     "check_input_limits",
     "check_model",
     "echo",
-    "first_sentence",
 ]
 
 MAX_INPUT_SIDE = 4096
@@ -41,28 +39,6 @@ def echo(value: object, limit: int = ECHO_LIMIT) -> str:
         return f"{value[:limit]!r}... ({len(value)} characters)"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def first_sentence(error: BaseException | str, limit: int = 240) -> str:
-    """The first sentence of an error's first line, cut at a clause or word boundary.
-
-    Example:
-        >>> first_sentence("aten::equal: no Meta kernel. Please see the tutorial.\\nmore")
-        'aten::equal: no Meta kernel'
-    """
-    text = str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__ if isinstance(error, BaseException) else ""
-    sentence = lines[0].split(". ")[0].rstrip(".")
-    if len(sentence) <= limit:
-        return sentence
-    head = sentence[:limit]
-    for mark in ("; ", ", ", ": ", " "):
-        cut = head.rfind(mark)
-        if cut > limit // 2:
-            return head[:cut].rstrip(",;:") + " ..."
-    return head + " ..."
 
 
 def check_input_limits(size: Sequence[int], what: str = "input size") -> None:

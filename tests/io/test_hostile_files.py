@@ -15,7 +15,7 @@ import torch
 from cli_helpers import snapshot
 from safetensors.torch import save_file
 
-from ulsam_inject import count, inject, load, save
+from ulsam_inject import count, find_stages, inject, load, save, trace_model
 from ulsam_inject.errors import (
     ArtifactError,
     InputSizeError,
@@ -25,8 +25,9 @@ from ulsam_inject.errors import (
     RecipeVersionError,
     UntrustedRecipeError,
     WriteError,
+    first_line,
 )
-from ulsam_inject.guards import echo, first_sentence
+from ulsam_inject.guards import echo
 from ulsam_inject.io.artifact import FORMAT, RECIPE_KEY, peek_recipe, read_recipe
 from ulsam_inject.io.sources import build_model, check_file_spec, parse_model_spec
 
@@ -256,6 +257,10 @@ def test_meta_models_and_other_types_are_refused() -> None:
         count("x")  # type: ignore[arg-type]
     with pytest.raises(ModelArgumentError, match="got int 3"):
         inject(3, at=1)  # type: ignore[arg-type]
+    with pytest.raises(ModelArgumentError, match=r"find_stages\(\) takes .* got str 'x'"):
+        find_stages("x")  # type: ignore[arg-type]
+    with pytest.raises(ModelArgumentError, match=r"trace_model\(\) takes .* got list"):
+        trace_model([])  # type: ignore[arg-type]
 
 
 def test_huge_input_sizes_are_refused_before_any_work() -> None:
@@ -268,14 +273,14 @@ def test_huge_input_sizes_are_refused_before_any_work() -> None:
         count(net, (3, 4097, 224))
 
 
-def test_echo_and_first_sentence_bound_what_messages_repeat() -> None:
+def test_echo_and_first_line_bound_what_messages_repeat() -> None:
     assert len(echo("a" * 100_000)) < 120
     meta = (
         "aten::equal: attempted to run this operator with Meta tensors, but there was no fake "
         "impl or Meta kernel registered. You may have run into this message while using an "
         "operator with PT2 compilation APIs (torch.compile/torch.export)"
     )
-    assert first_sentence(meta).endswith("Meta kernel registered")
+    assert first_line(meta, limit=240).endswith("Meta kernel registered")
     long = "word " * 100
-    cut = first_sentence(long, limit=50)
+    cut = first_line(long, limit=50)
     assert cut.endswith(" ...") and len(cut) <= 54 and "wor ..." not in cut

@@ -16,8 +16,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from ulsam_inject.errors import UlsamError
-from ulsam_inject.guards import first_sentence
+from ulsam_inject.errors import UlsamError, first_line
 
 from . import bench, count, inject, stages
 from .common import err_console
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"error: {error.format_message()}", exit_code)  # type: ignore[attr-defined]
         if debug:
             traceback.print_exc()
-        first = first_sentence(error)
+        first = first_line(error, limit=240)
         _fail(
             f"error: unexpected {type(error).__name__}: {first} (run with --debug for details)", 1
         )

@@ -432,9 +432,3 @@ def write_program(
         torch.export.save(program, tmp)
 
     return atomic_write(Path(path), write, force=force, protect=protect)
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    from ulsam_inject.guards import first_sentence
-
-    return first_sentence(error, limit)

@@ -16,6 +16,7 @@ from ulsam_inject.graph import trace as graph_trace
 from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
+from ulsam_inject.guards import check_model
 
 __all__ = ["find_stages", "trace_model"]
 
@@ -35,6 +36,7 @@ def trace_model(
         >>> [n.op for n in traced.graph_module.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
+    check_model(model, function="trace_model")
     return graph_trace.trace_model(model, input_size, propagate=propagate, leaf_types=BLOCK_TYPES)
 
 
@@ -49,6 +51,8 @@ def find_stages(
         >>> [s.name for s in stages][:3], len(stages)
         (['features.1', 'features.2', 'features.3'], 17)
     """
+    if not isinstance(model, Traced):
+        check_model(model, function="find_stages", accepted="an nn.Module or a Traced")
     return graph_stages.find_stages(
         model, input_size, leaf_types=BLOCK_TYPES, block_types=BLOCK_TYPES
     )
