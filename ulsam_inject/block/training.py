@@ -154,129 +154,37 @@ class TrainingPass(torch.autograd.Function):
         ) = ctx.saved_tensors  # fmt: skip
         dw_norm, pw_norm = ctx.norms
         need = ctx.needs_input_grad
-        b, c, h, w = x.shape
         g = pw_weight.shape[0]
-        width = c // g
-        n = _chunk(x)
-        x5 = x.unflatten(1, (g, width))
-        grad5 = grad_out.unflatten(1, (g, width))
+        grad5 = grad_out.unflatten(1, (g, x.shape[1] // g))
 
-        # Pass 1: dL/dA = sum over each subspace's channels of grad * x.
-        grad_attention = torch.empty_like(attention)
-        for start in range(0, b, n):
-            stop = min(b, start + n)
-            torch.sum(
-                grad5[start:stop] * x5[start:stop], 2, keepdim=True,
-                out=grad_attention[start:stop],
-            )  # fmt: skip
-
-        # The small part: replay it with autograd.
-        with torch.enable_grad():
-            logits_leaf = logits.detach().requires_grad_()
-            bias_leaf, gamma_leaf, beta_leaf = (
-                None if t is None else t.detach().requires_grad_()
-                for t in (pw_bias, pw_bn_weight, pw_bn_bias)
-            )
-            replay = _attention(
-                logits_leaf, bias_leaf, gamma_leaf, beta_leaf, pw_norm, update=False
-            )
-            leaves = [logits_leaf, bias_leaf, gamma_leaf, beta_leaf]
-            wanted = [t for t in leaves if t is not None]
-            grads = iter(torch.autograd.grad(replay, wanted, grad_attention))
-            grad_logits, grad_pw_b, grad_pw_bn_w, grad_pw_bn_b = (
-                None if t is None else next(grads) for t in leaves
-            )
-        assert grad_logits is not None
-        grad_rows = grad_logits.permute(0, 2, 3, 1).contiguous().view(b * h * w, g, 1)
-
-        # Pass 2: through the PW conv, ReLU and max-pool into dL/du, u = BN output, in x's
-        # layout; BatchNorm's sums on the way; dL/dW of the PW conv likewise.
-        grad_pw = torch.zeros(g, 1, width, dtype=x.dtype, device=x.device) if need[5] else None
-        sums = torch.zeros(2, c, dtype=x.dtype, device=x.device)
+        grad_attention = _grad_attention(grad5, x, attention)
+        grad_logits, grad_pw_b, grad_pw_bn_w, grad_pw_bn_b = _replay_small_part(
+            logits, grad_attention, pw_bias, pw_bn_weight, pw_bn_bias, pw_norm
+        )
         dw_part = any(need[:5])
-        grad_u = torch.empty_like(x) if dw_part else x
-        grad_pooled = x.new_empty(n, h, w, c)
-        ones = torch.ones_like(weight)
-        rows = h * w
-        for start in range(0, b, n):
-            stop = min(b, start + n)
-            m = stop - start
-            block_rows = grad_rows[start * rows : stop * rows]
-            if grad_pw is not None:
-                grad_pw += torch.bmm(
-                    block_rows.permute(1, 2, 0), _group_rows(pooled[start:stop], g)
-                )
-            if not dw_part:
-                continue
-            # (m*H*W, g, C/g) row-major is exactly the channels_last layout of (m, C, H, W).
-            torch.mul(
-                block_rows, pw_weight.view(1, g, width), out=grad_pooled[:m].view(-1, g, width)
-            )
-            masked = torch.ops.aten.threshold_backward(
-                grad_pooled[:m].permute(0, 3, 1, 2), pooled[start:stop], 0
-            )
-            grad_u[start:stop] = torch.ops.aten.max_pool2d_with_indices_backward(
-                masked, masked, *_POOL, [1, 1], False, indices[start:stop]
-            )
-            # sum(dL/du * (x - mean(x))) and sum(dL/du), BatchNorm's own reductions.
-            _, centred, total = torch.ops.aten.native_batch_norm_backward(
-                grad_u[start:stop], x[start:stop], None, None, None, mean_x, ones,
-                True, 0.0, [False, True, True],
-            )  # fmt: skip
-            sums[0] += centred
-            sums[1] += total
-        grad_pw = None if grad_pw is None else grad_pw.view_as(pw_weight)
+        grad_pw, grad_u, centred, total = _through_pointwise_and_pool(
+            x, grad_logits, pooled, indices, pw_weight, mean_x, want_pw=need[5], dw_part=dw_part
+        )
         if not dw_part:
             grad_x = (grad5 * (1 + attention)).flatten(1, 2) if need[0] else None
             return (grad_x, None, None, None, None, grad_pw, grad_pw_b, grad_pw_bn_w,
                     grad_pw_bn_b, None, None)  # fmt: skip
 
-        centred, total = sums
-        count = x.numel() // c
-        if dw_norm.batch_stats:
-            # dL/dz = gamma * invstd * (dL/du - mean(dL/du) - zn * mean(dL/du * zn)), with
-            # zn = w * invstd * (x - mean(x)); dL/dx = w * dL/dz.
-            coef_x = -scale * (weight * invstd) ** 2 * centred / count
-            coef_1 = -scale * total / count - coef_x * mean_x
-            grad_gamma = weight * invstd * centred
-            # dL/dw = sum(dL/dz * x) = gamma * eps * invstd^3 * sum(dL/du * (x - mean(x))).
-            grad_w = gamma * dw_norm.eps * invstd**3 * centred
-            # BatchNorm on batch statistics cancels any per-channel shift of its input: the
-            # conv bias's gradient is exactly zero (a computed sum would be rounding noise).
-            grad_b = torch.zeros_like(weight)
-        else:
-            # Running statistics: u = scale * x + shift; mean_x is 0, so centred = sum(g * x).
-            coef_x = torch.zeros_like(weight)
-            coef_1 = coef_x
-            assert dw_norm.running_mean is not None
-            grad_gamma = invstd * (weight * centred + (bias - dw_norm.running_mean) * total)
-            grad_w = gamma * invstd * centred
-            grad_b = gamma * invstd * total
-
+        coef_x, coef_1, grad_gamma, grad_w, grad_b = _depthwise_norm_grads(
+            dw_norm,
+            weight,
+            bias,
+            gamma,
+            invstd,
+            scale,
+            mean_x,
+            centred,
+            total,
+            x.numel() // len(weight),
+        )
         grad_x = None
         if need[0]:
-            # Pass 3: dL/dx = grad * (1 + A) + scale * dL/du + coef_x * x + coef_1.
-            grad_x = torch.empty_like(x)
-            shape = (1, c, 1, 1)
-            gx5 = grad_x.unflatten(1, (g, width))
-            for start in range(0, b, n):
-                stop = min(b, start + n)
-                part = torch.batch_norm(
-                    x[start:stop],
-                    coef_x,
-                    coef_1,
-                    torch.zeros_like(weight),
-                    ones,
-                    False,
-                    0.0,
-                    0.0,
-                    False,
-                )  # coef_x * x + coef_1, by the BatchNorm kernel (mean 0, variance 1)
-                part.addcmul_(grad_u[start:stop], scale.view(shape))
-                torch.addcmul(
-                    part.unflatten(1, (g, width)), grad5[start:stop],
-                    1 + attention[start:stop], out=gx5[start:stop],
-                )  # fmt: skip
+            grad_x = _grad_input(x, grad5, grad_u, attention, scale, coef_x, coef_1)
         return (
             grad_x,
             grad_w.view(-1, 1, 1, 1) if need[1] else None,
@@ -290,6 +198,164 @@ class TrainingPass(torch.autograd.Function):
             None,
             None,
         )
+
+
+# -- the backward's steps, in order ----------------------------------------------------------
+
+
+def _grad_attention(grad5: torch.Tensor, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """Pass 1: dL/dA = sum over each subspace's channels of grad * x, chunk by chunk."""
+    b = x.shape[0]
+    n = _chunk(x)
+    x5 = x.unflatten(1, grad5.shape[1:3])
+    grad_attention = torch.empty_like(attention)
+    for start in range(0, b, n):
+        stop = min(b, start + n)
+        torch.sum(
+            grad5[start:stop] * x5[start:stop], 2, keepdim=True, out=grad_attention[start:stop]
+        )
+    return grad_attention
+
+
+def _replay_small_part(
+    logits: torch.Tensor,
+    grad_attention: torch.Tensor,
+    pw_bias: torch.Tensor | None,
+    pw_bn_weight: torch.Tensor | None,
+    pw_bn_bias: torch.Tensor | None,
+    pw_norm: NormSpec,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The (B, g, H, W) part (bias, BatchNorm, ReLU, softmax) replayed with autograd:
+    gradients of the logits and of its three parameters (None where absent)."""
+    with torch.enable_grad():
+        logits_leaf = logits.detach().requires_grad_()
+        bias_leaf, gamma_leaf, beta_leaf = (
+            None if t is None else t.detach().requires_grad_()
+            for t in (pw_bias, pw_bn_weight, pw_bn_bias)
+        )
+        replay = _attention(logits_leaf, bias_leaf, gamma_leaf, beta_leaf, pw_norm, update=False)
+        leaves = [logits_leaf, bias_leaf, gamma_leaf, beta_leaf]
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(replay, wanted, grad_attention))
+        grad_logits, grad_b, grad_gamma, grad_beta = (
+            None if t is None else next(grads) for t in leaves
+        )
+    assert grad_logits is not None
+    return grad_logits, grad_b, grad_gamma, grad_beta
+
+
+def _through_pointwise_and_pool(
+    x: torch.Tensor,
+    grad_logits: torch.Tensor,
+    pooled: torch.Tensor,
+    indices: torch.Tensor,
+    pw_weight: torch.Tensor,
+    mean_x: torch.Tensor,
+    *,
+    want_pw: bool,
+    dw_part: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 2: through the PW conv, ReLU and max-pool into dL/du (u = the depthwise BN's
+    output, in x's layout), chunk by chunk, with dL/dW of the PW conv and BatchNorm's two
+    sums (sum(dL/du * (x - mean(x))) and sum(dL/du), by BatchNorm's own kernel) on the way.
+    Without ``dw_part`` only dL/dW is computed (dL/du is not needed)."""
+    b, c, h, w = x.shape
+    g = pw_weight.shape[0]
+    width = c // g
+    n = _chunk(x)
+    grad_rows = grad_logits.permute(0, 2, 3, 1).contiguous().view(b * h * w, g, 1)
+    grad_pw = torch.zeros(g, 1, width, dtype=x.dtype, device=x.device) if want_pw else None
+    sums = torch.zeros(2, c, dtype=x.dtype, device=x.device)
+    grad_u = torch.empty_like(x) if dw_part else x
+    grad_pooled = x.new_empty(n, h, w, c)
+    ones = torch.ones(c, dtype=x.dtype, device=x.device)
+    rows = h * w
+    for start in range(0, b, n):
+        stop = min(b, start + n)
+        m = stop - start
+        block_rows = grad_rows[start * rows : stop * rows]
+        if grad_pw is not None:
+            grad_pw += torch.bmm(block_rows.permute(1, 2, 0), _group_rows(pooled[start:stop], g))
+        if not dw_part:
+            continue
+        # (m*H*W, g, C/g) row-major is exactly the channels_last layout of (m, C, H, W).
+        torch.mul(block_rows, pw_weight.view(1, g, width), out=grad_pooled[:m].view(-1, g, width))
+        masked = torch.ops.aten.threshold_backward(
+            grad_pooled[:m].permute(0, 3, 1, 2), pooled[start:stop], 0
+        )
+        grad_u[start:stop] = torch.ops.aten.max_pool2d_with_indices_backward(
+            masked, masked, *_POOL, [1, 1], False, indices[start:stop]
+        )
+        _, centred, total = torch.ops.aten.native_batch_norm_backward(
+            grad_u[start:stop], x[start:stop], None, None, None, mean_x, ones,
+            True, 0.0, [False, True, True],
+        )  # fmt: skip
+        sums[0] += centred
+        sums[1] += total
+    grad_pw = None if grad_pw is None else grad_pw.view_as(pw_weight)
+    return grad_pw, grad_u, sums[0], sums[1]
+
+
+def _depthwise_norm_grads(
+    dw_norm: NormSpec,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gamma: torch.Tensor,
+    invstd: torch.Tensor,
+    scale: torch.Tensor,
+    mean_x: torch.Tensor,
+    centred: torch.Tensor,
+    total: torch.Tensor,
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The depthwise conv + BatchNorm pair's gradients from BatchNorm's two sums:
+    ``(coef_x, coef_1, dL/dgamma, dL/dw, dL/db)``, where dL/dx's BatchNorm part is
+    ``scale * dL/du + coef_x * x + coef_1``."""
+    if dw_norm.batch_stats:
+        # dL/dz = gamma * invstd * (dL/du - mean(dL/du) - zn * mean(dL/du * zn)), with
+        # zn = w * invstd * (x - mean(x)); dL/dx = w * dL/dz.
+        coef_x = -scale * (weight * invstd) ** 2 * centred / count
+        coef_1 = -scale * total / count - coef_x * mean_x
+        grad_gamma = weight * invstd * centred
+        # dL/dw = sum(dL/dz * x) = gamma * eps * invstd^3 * sum(dL/du * (x - mean(x))).
+        grad_w = gamma * dw_norm.eps * invstd**3 * centred
+        # BatchNorm on batch statistics cancels any per-channel shift of its input: the
+        # conv bias's gradient is exactly zero (a computed sum would be rounding noise).
+        grad_b = torch.zeros_like(weight)
+        return coef_x, coef_1, grad_gamma, grad_w, grad_b
+    # Running statistics: u = scale * x + shift; mean_x is 0, so centred = sum(g * x).
+    assert dw_norm.running_mean is not None
+    coef_x = torch.zeros_like(weight)
+    grad_gamma = invstd * (weight * centred + (bias - dw_norm.running_mean) * total)
+    return coef_x, coef_x, grad_gamma, gamma * invstd * centred, gamma * invstd * total
+
+
+def _grad_input(
+    x: torch.Tensor,
+    grad5: torch.Tensor,
+    grad_u: torch.Tensor,
+    attention: torch.Tensor,
+    scale: torch.Tensor,
+    coef_x: torch.Tensor,
+    coef_1: torch.Tensor,
+) -> torch.Tensor:
+    """Pass 3: dL/dx = grad * (1 + A) + scale * dL/du + coef_x * x + coef_1, chunk by chunk."""
+    b, c = x.shape[:2]
+    g, width = grad5.shape[1:3]
+    n = _chunk(x)
+    grad_x = torch.empty_like(x)
+    gx5 = grad_x.unflatten(1, (g, width))
+    zeros, ones = torch.zeros_like(coef_x), torch.ones_like(coef_x)
+    for start in range(0, b, n):
+        stop = min(b, start + n)
+        # coef_x * x + coef_1, by the BatchNorm kernel (mean 0, variance 1)
+        part = torch.batch_norm(x[start:stop], coef_x, coef_1, zeros, ones, False, 0.0, 0.0, False)
+        part.addcmul_(grad_u[start:stop], scale.view(1, c, 1, 1))
+        torch.addcmul(
+            part.unflatten(1, (g, width)), grad5[start:stop], 1 + attention[start:stop],
+            out=gx5[start:stop],
+        )  # fmt: skip
+    return grad_x
 
 
 def _attention(
