@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 from ulsam_inject import Stage, find_stages, inject, trace_model
-from ulsam_inject.graph.stages import is_anchor_conv, is_pointwise_conv
+from ulsam_inject.graph.tree import is_anchor_conv, is_pointwise_conv
 
 SMALL = (3, 64, 64)
 
