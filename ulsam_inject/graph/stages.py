@@ -108,6 +108,13 @@ def activation_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
 
 
 def _discover(tree: ModelTree) -> list[Stage]:
+    """Walk down from the root (:func:`_visit`) and number the stages in execution order.
+
+    Three ways a stage is found: a module that holds anchors and is not composite
+    (:func:`_add_module_stage`); an anchor laid flat in a container, through the next
+    pointwise conv (:func:`_add_flat_stage`); a depthwise-only module and its pointwise
+    sibling (:func:`_add_pair_stage`).
+    """
     found: list[tuple[int, Stage]] = []
     _visit(tree, "", found, is_root=True)
     found.sort(key=lambda item: item[0])
