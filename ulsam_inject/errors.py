@@ -75,3 +75,15 @@ class TraceError(UlsamError):
 
 class ShapeError(UlsamError):
     """Shapes could not be propagated through the traced model."""
+
+
+class DataError(UlsamUsageError):
+    """A data folder is missing, empty or malformed, or its classes do not fit the model."""
+
+
+class ResumeError(UlsamUsageError):
+    """A file given to resume from is not a fine-tuning checkpoint of this very run."""
+
+
+class TrainingError(UlsamError):
+    """Training failed on its own terms (e.g. the loss became NaN or infinite)."""
