@@ -230,7 +230,13 @@ def finetune(
             val_scan, train_data.build_transform(config, train=False), channels
         )
         main = context.is_main
-        if main:
+        announced: list[bool] = []
+
+        def announce() -> None:
+            """What was changed, told once training has started (a refusal stays one line)."""
+            if announced or not main:
+                return
+            announced.append(True)
             for message in messages:
                 note(message)
             if retrofit.report is not None and loaded.retrofit is None:
@@ -238,6 +244,7 @@ def finetune(
                     _json_line(retrofit.report.to_dict())
                 else:
                     console.print(render_report(retrofit.report, dry_run=False))
+
         run_info = {
             "recipe": retrofit.recipe(),
             "data": str(Path(data).resolve()),
@@ -248,12 +255,19 @@ def finetune(
         def on_epoch(record: Any) -> None:
             if not main:
                 return
+            announce()
             if json_output:
                 _json_line({"schema": EPOCH_SCHEMA, **record.to_dict()})
             else:
                 console.print(_epoch_line(record, epochs), highlight=False)
 
-        with _progress_bar(main) as on_step, _sigterm_interrupts():
+        with _progress_bar(main) as bar_step, _sigterm_interrupts():
+
+            def on_step(info: Any) -> None:
+                announce()
+                if bar_step is not None:
+                    bar_step(info)
+
             try:
                 result = run_finetune(
                     retrofit.model,
