@@ -21,10 +21,13 @@ from ulsam_inject.surgery.plan import Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import resolve_positions
 from ulsam_inject.surgery.report import Report
 from ulsam_inject.surgery.seeing import find_stages, trace_model
+from ulsam_inject.train import EvaluateReport, FinetuneResult, evaluate, finetune
 
 __all__ = [
     "ULSAM",
     "Cost",
+    "EvaluateReport",
+    "FinetuneResult",
     "LatencyReport",
     "Placement",
     "Plan",
@@ -36,8 +39,10 @@ __all__ = [
     "UlsamUsageError",
     "count",
     "errors",
+    "evaluate",
     "export_program",
     "find_stages",
+    "finetune",
     "inject",
     "load",
     "make_plan",

@@ -144,3 +144,15 @@ class ResourceLimitError(UlsamUsageError):
 
 class WriteError(UlsamError):
     """An output could not be written: the disk is full, over quota or failing."""
+
+
+class DataError(UlsamUsageError):
+    """A data folder is missing, empty or malformed, or its classes do not fit the model."""
+
+
+class ResumeError(UlsamUsageError):
+    """A file given to resume from is not a fine-tuning checkpoint of this very run."""
+
+
+class TrainingError(UlsamError):
+    """Training failed on its own terms (e.g. the loss became NaN or infinite)."""

@@ -77,13 +77,15 @@ def save(
     source: str | None = None,
     force: bool = False,
     protect: str | Path | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the retrofitted model's weights and recipe to ``path``, atomically.
 
     The format follows the suffix: ``.pt``/``.pth`` for a torch file, ``.safetensors``
     for safetensors; any other suffix is refused (:class:`OutputError`). An existing file
     is only replaced with ``force=True``; ``protect`` (e.g. the input checkpoint) is never
-    overwritten.
+    overwritten. ``extra`` adds JSON keys to the recipe (e.g. ``{"training": ...}`` from
+    fine-tuning); loading ignores them, and they cannot replace the recipe's own keys.
 
     Example:
         >>> import tempfile, os
@@ -95,6 +97,10 @@ def save(
     """
     check_suffix(path)
     recipe = recipe_of(retrofit, source)
+    for key, value in (extra or {}).items():
+        if key in recipe:
+            raise ArtifactError(f"extra recipe key {key!r} would replace the recipe's own")
+        recipe[key] = value
     # Shared or non-contiguous tensors are stored as independent copies (safetensors
     # refuses aliasing); loading restores them into the rebuilt modules.
     state = {
