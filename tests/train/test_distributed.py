@@ -50,7 +50,7 @@ def test_two_gloo_processes_equal_one(image_tree: Path, tiny_folder: Path, tmp_p
         assert two["val_top1"] == pytest.approx(one["val_top1"])
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     with tiny_importable(tiny_folder):
-        one_state = load(outputs[1]).model.state_dict()
-        two_state = load(outputs[2]).model.state_dict()
+        one_state = load(outputs[1], trust_recipe=True).model.state_dict()
+        two_state = load(outputs[2], trust_recipe=True).model.state_dict()
     for name, value in one_state.items():
         torch.testing.assert_close(two_state[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -94,13 +94,14 @@ def test_finetune_interrupt_resume_and_evaluate(
     assert resumed.code == 0, resumed.stderr
     assert not state.exists()
     with tiny_importable(tiny_folder):
-        a, b = load(first).model.state_dict(), load(second).model.state_dict()
+        a = load(first, trust_recipe=True).model.state_dict()
+        b = load(second, trust_recipe=True).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     evaluated = run_cli(
         "evaluate", *TINY[:1], str(second), "--model-kwargs", '{"num_classes": 3}',
         "--input-size", "32", "--data", str(image_tree / "val"), "--workers", "0", "--json",
-        cwd=tmp_path, pythonpath=tiny_folder,
+        "--trust-recipe", cwd=tmp_path, pythonpath=tiny_folder,
     )  # fmt: skip
     assert evaluated.code == 0, evaluated.stderr
     report = evaluated.json()
@@ -111,7 +112,7 @@ def test_finetune_interrupt_resume_and_evaluate(
     assert len(report["comparisons"]) == 1
     table = run_cli(  # a relative name: a long path would wrap in the table's column
         "evaluate", second.name, "--data", str(image_tree / "val"), "--workers", "0",
-        cwd=tmp_path, pythonpath=tiny_folder,
+        "--trust-recipe", cwd=tmp_path, pythonpath=tiny_folder,
     )  # fmt: skip
     assert table.code == 0, table.stderr
     assert "top-1 %" in table.stdout and second.name in table.stdout

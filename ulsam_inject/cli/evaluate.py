@@ -16,6 +16,7 @@ from .common import (
     JsonOption,
     KwargsOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     load_model,
     looks_like_file,
@@ -42,6 +43,7 @@ def evaluate(
     checkpoint: Path | None = CheckpointOption,
     input_size: str | None = InputSizeOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
     """Evaluate one or more models; with several, compare each with the first."""
@@ -69,6 +71,7 @@ def evaluate(
             model,
             checkpoint=checkpoint if spec else None,
             trust=trust_checkpoint,
+            trust_recipe=trust_recipe,
             kwargs_text=model_kwargs if spec else None,
             input_size=input_size,
         )

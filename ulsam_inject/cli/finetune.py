@@ -27,6 +27,7 @@ from .common import (
     KwargsOption,
     PretrainedOption,
     TrustOption,
+    TrustRecipeOption,
     console,
     err_console,
     load_model,
@@ -119,6 +120,7 @@ def finetune(
     checkpoint: Path | None = CheckpointOption,
     input_size: str | None = InputSizeOption,
     trust_checkpoint: bool = TrustOption,
+    trust_recipe: bool = TrustRecipeOption,
     pretrained: bool = PretrainedOption,
     model_kwargs: str | None = KwargsOption,
 ) -> None:
@@ -180,6 +182,7 @@ def finetune(
             model,
             checkpoint=checkpoint,
             trust=trust_checkpoint,
+            trust_recipe=trust_recipe,
             pretrained=pretrained,
             kwargs_text=model_kwargs,
             input_size=input_size,
