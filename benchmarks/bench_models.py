@@ -5,13 +5,13 @@ the paper's kind of placement (+0.02% MACs). For each device and batch size,
 :func:`ulsam_inject.measure_latency` times the original and the retrofitted model side by
 side (interleaved, after a warm-up): once with our vectorized :class:`ulsam_inject.ULSAM`,
 and once with :class:`ulsam_inject.block.reference.ReferenceULSAM` (the readable per-subspace
-loop) swapped into the same graph module in place of each block, its weights converted
-with ``ULSAM.to_reference_state_dict`` (the two give the same outputs; checked first).
-Each ratio is the retrofitted model's median over the original's, from its own
-interleaved run; the ``original`` row shows the first run's timings. The ``fx graph, no
-ULSAM`` row is the retrofitted graph module with identities in place of the blocks: the
-cost of running torch.fx's generated code instead of the model's own (Python overhead,
-visible at batch 1), which the ULSAM rows include.
+loop) swapped into the same model in place of each block, its weights converted with
+``ULSAM.to_reference_state_dict`` (the two give the same outputs; checked first). Each
+ratio is the retrofitted model's median over the original's, from its own interleaved
+run; the ``original`` row shows the first run's timings. The ``identities, no ULSAM`` row
+is the retrofitted model with identities in place of the blocks: the cost of the surgery
+itself (the two changed stages run as small torch.fx graph modules), which the ULSAM rows
+include.
 
 Models are built without weights (random init: latency does not depend on the values),
 in eval mode, fp32. CUDA rows are added when CUDA is available (``--device auto``).
@@ -36,7 +36,7 @@ import torch
 import torchvision
 from rich.console import Console
 from rich.table import Table
-from torch import fx
+from torch import nn
 
 from ulsam_inject import ULSAM, inject, measure_latency
 from ulsam_inject.block.reference import ReferenceULSAM
@@ -69,9 +69,9 @@ class Row:
         }
 
 
-def with_reference_blocks(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``graph_module`` with every ULSAM replaced by an equivalent ReferenceULSAM."""
-    swapped = copy.deepcopy(graph_module)
+def with_reference_blocks(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ULSAM replaced by an equivalent ReferenceULSAM."""
+    swapped = copy.deepcopy(model)
     blocks = [(n, m) for n, m in swapped.named_modules() if isinstance(m, ULSAM)]
     if not blocks:
         raise SystemExit("no ULSAM block in the retrofitted model")
@@ -84,35 +84,17 @@ def with_reference_blocks(graph_module: fx.GraphModule) -> fx.GraphModule:
     return swapped
 
 
-def check_same_outputs(ours: fx.GraphModule, reference: fx.GraphModule, size: int) -> float:
+def check_same_outputs(ours: nn.Module, reference: nn.Module, size: int) -> float:
     """Largest difference of the two models' features (eval mode), relative to their scale.
 
-    The features before the classifier: with random weights the logits are tiny, which would
-    make any absolute tolerance meaningless.
+    The features before the classifier (``model.features``: the retrofit is still a
+    MobileNetV2): with random weights the logits are tiny, which would make any absolute
+    tolerance meaningless.
     """
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    features = [fx.GraphModule(m, m.graph) for m in (ours, reference)]
     with torch.inference_mode():
-        a, b = (_features(m, example) for m in features)
+        a, b = (m.eval().features(example) for m in (ours, reference))
     return float((a - b).abs().max() / a.abs().max())
-
-
-def _features(model: fx.GraphModule, example: torch.Tensor) -> torch.Tensor:
-    """The output of the last node of ``features`` (the backbone), by interpreting the graph."""
-    last = [
-        n for n in model.graph.nodes if n.op == "call_module" and n.target.startswith("features")
-    ]
-    values: dict[str, torch.Tensor] = {}
-
-    class Keep(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> object:
-            result = super().run_node(n)
-            if n is last[-1]:
-                values["out"] = result
-            return result
-
-    Keep(model.eval()).run(example)
-    return values["out"]
 
 
 def devices(choice: str) -> list[str]:
@@ -176,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v2(weights=None).eval()
     ours = inject(original, at=list(POSITIONS), groups=args.groups, input_size=size).model.eval()
-    # The same graph module with each block an identity: what running torch.fx's generated
-    # code costs by itself (its Python, not ULSAM's work).
+    # The same model with each block an identity: what the surgery itself costs (the changed
+    # stages run as small torch.fx graph modules), not ULSAM's work.
     plain = identity_blocks(copy.deepcopy(ours)).eval()
     reference = None
     if not args.no_reference:
@@ -190,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for device in devices(args.device):
         for batch in batches:
-            contenders = [("fx graph, no ULSAM", plain), ("ULSAM (ours)", ours)]
+            contenders = [("identities, no ULSAM", plain), ("ULSAM (ours)", ours)]
             if reference is not None:
                 contenders.append(("reference ULSAM", reference))
             for i, (label, model) in enumerate(contenders):
