@@ -170,3 +170,88 @@ def test_files_written_with_the_old_block_layout_still_load(tmp_path: Path, tv_m
     save_file(old_state, str(old), metadata={"ulsam_inject.recipe": json.dumps(recipe)})
     x = torch.randn(1, *SMALL)
     assert torch.equal(_run(load(old).model, x), _run(load(path).model, x))
+
+
+TENSOR_HOMES = """
+import torch
+from torch import nn
+
+
+def pair(c):
+    return [
+        nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+    ]
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(*pair(c))
+        self.spare = nn.Parameter(torch.full((3,), 5.0))  # nested, never used
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Net(nn.Module):
+    def __init__(self, flat=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        # flat: the first pair laid out flat beside the stem (no module of its own)
+        self.features = nn.Sequential(*pair(16), Block(16)) if flat else nn.Sequential(
+            Block(16), Block(16)
+        )
+        self.shared = self.features[-1]  # one module under two names
+        self.temperature = nn.Parameter(torch.tensor(2.0))  # root, used
+        self.unused = nn.Parameter(torch.tensor(3.0))  # root, never used
+        self.register_buffer("mean", torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1))
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+        self.register_buffer("stats", torch.full((2,), 7.0))  # root, never used
+
+    def forward(self, x):
+        return (self.features(self.stem(x - self.mean)) * self.temperature).mean((2, 3))
+
+
+def net(flat=False):
+    torch.manual_seed(0)
+    return Net(flat).eval()
+"""
+
+
+@pytest.mark.parametrize(("flat", "rewrite"), [(False, "stage"), (True, "root")])
+def test_every_tensor_survives_inject_save_and_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flat: bool, rewrite: str
+) -> None:
+    name = f"tensorhomes{int(flat)}"
+    (tmp_path / f"{name}.py").write_text(TENSOR_HOMES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = inject(f"{name}:net", at=0, input_size=(3, 16, 16), model_kwargs={"flat": flat})
+    assert [p.rewrite for p in result.plan.placements] == [rewrite]
+    original = __import__(name).net(flat)
+    with torch.no_grad():  # values the original's construction does not give
+        original.temperature.fill_(1.5)
+        original.unused.fill_(4.0)
+        original.stats.fill_(9.0)
+    result = inject(original, at=0, input_size=(3, 16, 16)).with_source(
+        f"{name}:net", {"flat": flat}
+    )
+    model = result.model
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    # Root, nested, shared (under both names), used or not: every one, the same values.
+    for key, value in original.named_parameters(remove_duplicate=False):
+        assert torch.equal(params[key], value), key
+    for key, value in original.named_buffers(remove_duplicate=False):
+        assert torch.equal(buffers[key], value), key
+    assert {"temperature", "unused", "shared.spare"} <= set(params)
+    assert {"stats", "scratch", "mean"} <= set(buffers)
+    assert "scratch" not in model.state_dict()  # non-persistent stays non-persistent
+    assert set(original.state_dict()) <= set(model.state_dict())
+    path = save(result, tmp_path / "m.safetensors")
+    again = load(path, trust_recipe=True).model
+    state = again.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(_run(again, x), _run(model, x))

@@ -21,7 +21,7 @@ from ulsam_inject.surgery.local import rewrite_stages, stage_rewritable
 from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE, Mode, Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import PositionSpec
 from ulsam_inject.surgery.report import Report, build_report
-from ulsam_inject.surgery.rewrite import rewrite
+from ulsam_inject.surgery.rewrite import keep_unused_tensors, rewrite
 from ulsam_inject.surgery.seeing import find_stages, trace_model
 
 
@@ -152,6 +152,9 @@ def inject(
         after_traced = trace_model(retrofitted, traced.input_size) if report else None
     else:  # the last resort: the whole model's graph
         retrofitted = rewrite(traced, plan, make_block)
+        keep_unused_tensors(
+            working, retrofitted, removed=[p.stage for p in plan.placements if p.mode == "replace"]
+        )
         after_traced = Traced(retrofitted, traced.input_size, dict(traced.leaves), root=retrofitted)
     summary = costs = None
     if before is not None and after_traced is not None:

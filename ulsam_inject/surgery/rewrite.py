@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from torch import fx, nn
 
 from ulsam_inject.block.module import ULSAM
 from ulsam_inject.errors import PositionError, TraceError
 from ulsam_inject.graph.pickling import record_structure
-from ulsam_inject.graph.stages import activation_inputs
+from ulsam_inject.graph.stages import Stage, activation_inputs
 from ulsam_inject.graph.trace import Traced
 from ulsam_inject.surgery.plan import CONTAINER, Placement, Plan
 
@@ -55,6 +55,51 @@ def rewrite(
     graph_module.recompile()
     record_structure(graph_module, traced.leaves)
     return graph_module
+
+
+def keep_unused_tensors(
+    original: nn.Module, graph_module: fx.GraphModule, removed: Iterable[Stage] = ()
+) -> None:
+    """Give ``graph_module`` every parameter and buffer of ``original`` it lacks, in place.
+
+    A GraphModule keeps only what its graph uses: a learned temperature the forward never
+    reads, a root buffer of statistics, a nested module's spare weight would be dropped
+    from the state dict. They are set at their own names (missing parent modules made
+    empty), the same tensors, with their persistence; tensors of replaced stages stay gone.
+    """
+    gone = tuple(f"{path}." for stage in removed for path in stage.modules)
+    present = {name for name, _ in graph_module.named_parameters(remove_duplicate=False)}
+    present |= {name for name, _ in graph_module.named_buffers(remove_duplicate=False)}
+    for owner_path, owner in original.named_modules(remove_duplicate=False):
+        prefix = f"{owner_path}." if owner_path else ""
+        if gone and f"{owner_path}.".startswith(gone):
+            continue
+        own = [(n, t, "parameter") for n, t in owner._parameters.items() if t is not None]
+        own += [(n, t, "buffer") for n, t in owner._buffers.items() if t is not None]
+        for name, tensor, kind in own:
+            if prefix + name in present:
+                continue
+            target = _module_at(graph_module, owner_path)
+            if hasattr(target, name):
+                continue  # the graph module has something else of that name: leave it
+            if kind == "parameter":
+                target.register_parameter(name, tensor)
+            else:
+                persistent = name not in owner._non_persistent_buffers_set
+                target.register_buffer(name, tensor, persistent=persistent)
+            present.add(prefix + name)
+
+
+def _module_at(root: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` under ``root``, with empty modules made for missing parts."""
+    module = root
+    for part in path.split(".") if path else []:
+        child = module._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            module.add_module(part, child)
+        module = child
+    return module
 
 
 def _container(graph_module: fx.GraphModule) -> nn.Module:
