@@ -61,29 +61,37 @@ def autocast_on(device_type: str) -> bool:
 
 
 def choose_path(block: nn.Module, x: torch.Tensor, sources: Sources) -> BlockPath:
-    """The path for ``block(x)``; ``sources`` are the block's :func:`fold_sources`."""
+    """The path for ``block(x)``; ``sources`` are the block's :func:`fold_sources`.
+
+    The cheap questions come first, so that a call bound for the plain ops (CUDA training,
+    say) spends no time on the rest.
+    """
     device = x.device.type
+    if device not in ("cpu", "cuda"):
+        return BlockPath.PLAIN
     if torch.jit.is_tracing() or dispatch_mode_active() or autocast_on(device):
         return BlockPath.PLAIN
-    if any(t is not None and (t.device != x.device or t.dtype != x.dtype) for t in sources):
-        return BlockPath.PLAIN  # mixed devices or dtypes: PyTorch's own ops decide
     modules = block._modules
     batch_stats = uses_batch_stats(modules["dw_bn"]) or uses_batch_stats(modules["pw_bn"])
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in sources[:8])
     )
-    if device == "cpu" and x.dtype == torch.float32:
-        if batch_stats or wants_grad:
-            return BlockPath.CPU_TRAINING
-        return BlockPath.CPU_STREAMING
-    if (
-        device == "cuda"
-        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and not (batch_stats or wants_grad)
-        and gpu.available()
+    if device == "cpu":
+        if x.dtype != torch.float32:
+            return BlockPath.PLAIN
+        path = BlockPath.CPU_TRAINING if batch_stats or wants_grad else BlockPath.CPU_STREAMING
+    elif (
+        batch_stats
+        or wants_grad
+        or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        or not gpu.available()
     ):
-        return BlockPath.CUDA_FUSED
-    return BlockPath.PLAIN
+        return BlockPath.PLAIN
+    else:
+        path = BlockPath.CUDA_FUSED
+    if any(t is not None and (t.device != x.device or t.dtype != x.dtype) for t in sources):
+        return BlockPath.PLAIN  # mixed devices or dtypes: PyTorch's own ops decide
+    return path
 
 
 __all__ = ["BlockPath", "autocast_on", "choose_path", "dispatch_mode_active"]
