@@ -401,3 +401,24 @@ def test_inject_seed_gives_the_api_blocks_bit_for_bit(tmp_path: Path) -> None:
     for key in block_keys:
         assert torch.equal(written[0][key], written[1][key]), key
         assert torch.equal(written[0][key], api[key]), key
+
+
+def test_stages_of_a_model_without_stages_says_how_to_name_modules(tmp_path: Path) -> None:
+    result = run_cli("stages", "torchvision:resnet18", "--input-size", "64", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("the model has no depthwise/pointwise stages; name modules")
+    )
+    injected = run_cli(
+        "inject", "torchvision:resnet18", "--at", "layer3", "--input-size", "64", "--dry-run",
+        "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert injected.code == 0, injected.stderr
+    (block,) = injected.json()["blocks"]
+    assert (block["stage"], block["module"], block["rewrite"]) == (
+        "layer3",
+        "layer3.ulsam",
+        "stage",
+    )

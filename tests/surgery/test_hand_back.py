@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from ulsam_inject import ULSAM, inject, load, save
+from ulsam_inject.errors import PositionError
 from ulsam_inject.io.artifact import read_recipe
 from ulsam_inject.surgery.plan import module_name_for
 
@@ -255,3 +256,41 @@ def test_every_tensor_survives_inject_save_and_load(
         assert torch.equal(state[key], value), key
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(_run(again, x), _run(model, x))
+
+
+def test_any_module_with_a_4d_output_is_a_position(tv_model):
+    """A ResNet has no depthwise/pointwise stages: its modules are positions all the same."""
+    net = tv_model("resnet18")
+    result = inject(net, at=["layer3.1", "layer2"], groups={"layer2": 8}, input_size=SMALL)
+    assert result.plan.to_list() == [  # in execution order
+        {"at": "layer2", "groups": 8, "mode": "after"},
+        {"at": "layer3.1", "groups": 4, "mode": "after"},
+    ]
+    assert [p.stage.kind for p in result.plan.placements] == ["module", "module"]
+    model = result.model
+    assert type(model) is type(net) and type(model.layer2) is nn.Sequential
+    assert len(model.layer2) == 3 and isinstance(model.layer2.ulsam, ULSAM)  # appended child
+    assert model.layer2.ulsam.channels == 128 and model.layer3[1].ulsam.channels == 256
+    x = torch.randn(2, *SMALL)
+    doubled = copy.deepcopy(model)
+    doubled.layer2.ulsam = Doubler()
+    doubled.layer3[1].ulsam = Doubler()
+    reference = copy.deepcopy(net)
+    reference.layer2.register_forward_hook(lambda _m, _i, out: out * 2)
+    reference.layer3[1].register_forward_hook(lambda _m, _i, out: out * 2)
+    assert torch.allclose(_run(doubled, x), _run(reference, x), atol=1e-6)
+
+
+def test_module_positions_that_cannot_hold_a_block_are_refused(tv_model):
+    net = tv_model("resnet18")
+    with pytest.raises(PositionError, match=r"'fc'.*2-D"):
+        inject(net, at="fc", input_size=SMALL)
+    with pytest.raises(PositionError, match="no depthwise/pointwise stages; name modules"):
+        inject(net, at="all", input_size=SMALL)
+    with pytest.raises(PositionError, match=r"lies inside stage 'features\.13'"):
+        inject(tv_model("mobilenet_v2"), at="features.13.conv", input_size=SMALL)
+
+
+class Doubler(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2

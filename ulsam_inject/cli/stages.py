@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ulsam_inject.surgery.positions import NO_STAGES
 from ulsam_inject.surgery.seeing import find_stages, trace_model
 
 from .common import (
@@ -80,3 +81,5 @@ def stages(
     console.print(table)
     for leaf, reason in traced.leaves.items():
         note(f"untraceable, kept whole: {leaf} ({reason})")
+    if not found:
+        note(NO_STAGES)

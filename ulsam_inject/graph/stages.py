@@ -19,6 +19,7 @@ flow, not from model names:
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,22 @@ def find_stages(
     else:
         traced = trace_model(model, input_size, leaf_types=leaf_types)
     return _discover(ModelTree(traced, tuple(block_types)))
+
+
+def module_as_stage(traced: Traced, path: str, *, block_types: LeafTypes = ()) -> Stage | None:
+    """The call of the module at ``path`` as a position (``kind="module"``, ``index=-1``):
+    for positions that name any module whose output is one 4-D map (``layer3`` of a
+    ResNet), not only found stages. None when its code reads more than one activation,
+    gives more than one, or gives no 4-D map.
+    """
+    tree = ModelTree(traced, tuple(block_types))
+    nodes = tree.region.get(path, [])
+    if not nodes:
+        return None
+    stage = _make_stage(tree, path, nodes, (path,))
+    if stage is None:
+        return None
+    return dataclasses.replace(stage, kind="module")
 
 
 def activation_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:

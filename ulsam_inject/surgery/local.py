@@ -5,9 +5,11 @@ smallest module that holds the change, inside a deep copy of the user's model, s
 root class, its methods and attributes, every untouched module, every parameter name and
 every hook survive:
 
-- ``after``: the stage's module is traced alone, its children as leaves; the block is
-  appended to that graph as the child ``ulsam`` (state-dict keys ``<stage>.ulsam.*``) and
-  the resulting ``GraphModule`` takes the stage's place. The children keep their names and
+- ``after``: a ``Sequential`` (or a subclass that keeps its ``forward``) gets the block as
+  its last child ``ulsam`` (state-dict keys ``<stage>.ulsam.*``) and stays itself. Any
+  other stage module is traced alone, its children as leaves; the block is appended to
+  that graph as the child ``ulsam`` and the resulting ``GraphModule`` takes the stage's
+  place. The children keep their names and
   weights, the module's own parameters, buffers, plain attributes and hooks are carried
   over, so a hook on ``model.features[13]`` still fires, now on the attended map.
 - ``replace``: the block is set in the stage module's place (keys ``<stage>.*``).
@@ -20,6 +22,7 @@ model's graph (:mod:`ulsam_inject.surgery.rewrite`), the last resort.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -107,6 +110,11 @@ def rewrite_stages(
                     f"the stage {placement.stage.name} already has an attribute "
                     f"{BLOCK_CHILD!r} that is not ulsam_inject's"
                 )
+            if type(module).forward is nn.Sequential.forward:
+                # A Sequential runs its children in order: a new last child is the change,
+                # and the module stays itself (class, indexing, hooks).
+                wrapped[placement.stage.name] = _appended(module, make_block(placement))
+                continue
             graph = _trace_alone(module)
             if graph is None:
                 return None
@@ -122,6 +130,18 @@ def rewrite_stages(
             module_name = name
         placements.append(dataclasses.replace(placement, module_name=module_name, rewrite="stage"))
     return Plan(tuple(placements))
+
+
+def _appended(sequential: nn.Module, block: ULSAM) -> nn.Module:
+    """A shallow copy of ``sequential`` with ``block`` as its last child ``ulsam``.
+
+    A copy, so that nothing is changed unless every placement can be made; it shares the
+    children, parameters and hooks of the one it replaces.
+    """
+    new = copy.copy(sequential)
+    new._modules = dict(sequential._modules)
+    new.add_module(BLOCK_CHILD, block)
+    return new
 
 
 class _ChildrenAsLeaves(fx.Tracer):

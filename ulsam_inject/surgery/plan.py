@@ -87,8 +87,8 @@ def make_plan(
     mode_of = _per_stage(mode, DEFAULT_MODE, stages, chosen, traced, "mode")
     placements = []
     for stage in chosen:
-        g = group_of.get(stage.index, group_of.get(-1, DEFAULT_GROUPS))
-        m = mode_of.get(stage.index, mode_of.get(-1, DEFAULT_MODE))
+        g = group_of.get(stage.name, group_of.get(None, DEFAULT_GROUPS))
+        m = mode_of.get(stage.name, mode_of.get(None, DEFAULT_MODE))
         placements.append(_placement(stage, cast(int, g), str(m)))
     return Plan(tuple(placements))
 
@@ -100,28 +100,28 @@ def _per_stage(
     chosen: Sequence[Stage],
     traced: Traced | None,
     what: str,
-) -> dict[int, Any]:
-    """Map stage index -> value; key -1 holds the value for every stage not named.
+) -> dict[str | None, Any]:
+    """Map stage name -> value; key None holds the value for every stage not named.
 
     An entry whose positions include none of the chosen stages is refused: it would be
     ignored, and is most likely a typo or a position missing from ``at``.
     """
     if not isinstance(value, Mapping):
-        return {-1: value}
-    result: dict[int, Any] = {-1: default}
-    picked = {stage.index for stage in chosen}
+        return {None: value}
+    result: dict[str | None, Any] = {None: default}
+    picked = {stage.name for stage in chosen}
     for spec, item in value.items():
         try:
             targets = resolve_positions(spec, stages, traced)
         except PositionError as error:
             raise PositionError(f"in the {what} mapping: {error}") from None
-        if not picked & {stage.index for stage in targets}:
+        if not picked & {stage.name for stage in targets}:
             raise PositionError(
                 f"{what} given for {spec!r}, which is not among the chosen positions "
                 f"({', '.join(s.name for s in chosen)}); add it to the positions or drop it"
             )
         for stage in targets:
-            result[stage.index] = item
+            result[stage.name] = item
     return result
 
 

@@ -12,9 +12,10 @@ import re
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
+from ulsam_inject.cost.count import BLOCK_TYPES
 from ulsam_inject.errors import PositionError, did_you_mean
 from ulsam_inject.graph.shapes import node_shape
-from ulsam_inject.graph.stages import Stage
+from ulsam_inject.graph.stages import Stage, module_as_stage
 from ulsam_inject.graph.trace import Traced
 from ulsam_inject.guards import echo
 
@@ -66,18 +67,32 @@ def resolve_positions(
         >>> [s.name for s in resolve_positions("12-13,-1", stages)]
         ['features.13', 'features.14', 'features.17']
     """
-    if not stages:
+    tokens = split_spec(spec)
+    if not stages and traced is None:
         raise PositionError("the model has no depthwise/pointwise stages to place ULSAM at")
-    chosen: dict[int, Stage] = {}
-    for token in split_spec(spec):
+    chosen: dict[str, Stage] = {}
+    for token in tokens:
         for stage in _resolve_token(token, stages, traced):
-            chosen[stage.index] = stage
-    return [chosen[i] for i in sorted(chosen)]
+            chosen[stage.name] = stage
+    if not chosen:
+        raise PositionError(NO_STAGES)
+    if traced is None:
+        return sorted(chosen.values(), key=lambda s: s.index)
+    order = {node.name: i for i, node in enumerate(traced.graph_module.graph.nodes)}
+    return sorted(chosen.values(), key=lambda s: order.get(s.output_node, -1))
+
+
+NO_STAGES = (
+    "the model has no depthwise/pointwise stages; name modules whose output is a 4-D map "
+    "instead (e.g. --at layer3 on a ResNet)"
+)
 
 
 def _resolve_token(token: int | str, stages: Sequence[Stage], traced: Traced | None) -> list[Stage]:
     count = len(stages)
     valid = f"the model has {count} stages: indices 0..{count - 1} (or -{count}..-1)"
+    if not count:
+        valid = NO_STAGES
     if isinstance(token, int):
         if not -count <= token < count:
             raise PositionError(f"stage index {token} is out of range: {valid}")
@@ -100,6 +115,9 @@ def _resolve_token(token: int | str, stages: Sequence[Stage], traced: Traced | N
                 raise PositionError(f"stage index {shown} is out of range: {valid}")
             raise PositionError(f"stage range {echo(token)} is invalid: {valid}, start <= end")
         return [stages[i] for i in indices]
+    module = _module_position(token, stages, traced)
+    if module is not None:
+        return [module]
     if any(ch in token for ch in "*?["):
         found = [s for s in stages if fnmatchcase(s.name, token)]
         if not found:
@@ -108,6 +126,25 @@ def _resolve_token(token: int | str, stages: Sequence[Stage], traced: Traced | N
             )
         return found
     raise PositionError(_unknown_name_message(token, by_name, traced))
+
+
+def _module_position(token: str, stages: Sequence[Stage], traced: Traced | None) -> Stage | None:
+    """A module named by ``token`` as a position: not a stage, not inside one or a leaf, and
+    its code turns one activation into one 4-D map. None otherwise (the caller explains)."""
+    if traced is None:
+        return None
+    root = traced.root if traced.root is not None else traced.graph_module
+    if token not in dict(root.named_modules()) or traced.leaf_containing(token) is not None:
+        return None
+    if any(token == m or token.startswith(m + ".") for s in stages for m in s.modules):
+        return None
+
+    stage = module_as_stage(traced, token, block_types=BLOCK_TYPES)
+    if stage is None or any(
+        isinstance(m, BLOCK_TYPES) for m in root.get_submodule(token).modules()
+    ):
+        return None
+    return stage
 
 
 def _ambiguous_message(
@@ -176,8 +213,9 @@ def _unknown_name_message(token: str, by_name: dict[str, Stage], traced: Traced 
                     f"stages are {_sample(by_name)}"
                 )
             return (
-                f"{echo(token)} is a module of the model but not a depthwise/pointwise stage; "
-                f"stages are {_sample(by_name)}"
+                f"{echo(token)} is a module of the model, but its code does not turn one "
+                f"activation into one 4-D map, so ULSAM cannot go on its output; stages are "
+                f"{_sample(by_name)}"
             )
     close = did_you_mean(token, by_name)
     hint = f"; {close}" if close else f"; stages are {_sample(by_name)}"
