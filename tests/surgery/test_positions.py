@@ -110,9 +110,14 @@ def test_positions_of_the_wrong_type(stages, spec):
         resolve_positions(spec, stages)
 
 
-def test_module_that_is_not_a_stage(stages, traced):
-    with pytest.raises(PositionError, match=r"'features\.0' is a module of the model but not a"):
-        resolve_positions("features.0", stages, traced)
+def test_a_module_that_is_not_a_stage_is_a_module_position(stages, traced):
+    (stem,) = resolve_positions("features.0", stages, traced)
+    assert (stem.name, stem.kind, stem.index, stem.out_channels) == ("features.0", "module", -1, 32)
+    # In execution order among stages: the stem comes first.
+    assert [s.name for s in resolve_positions("features.2,features.0", stages, traced)] == [
+        "features.0",
+        "features.2",
+    ]
 
 
 def test_module_inside_a_stage_names_the_stage(stages, traced):
