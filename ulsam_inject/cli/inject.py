@@ -121,6 +121,12 @@ def inject(
         print_json(document)
     elif report is not None:
         console.print(render_report(report, dry_run=dry_run))
+    rooted = [p.stage.name for p in result.plan.placements if p.rewrite == "root"]
+    if rooted:
+        note(
+            f"{type(loaded.module).__name__} became a torch.fx GraphModule of the whole model: "
+            f"{', '.join(rooted[:3])}{' ...' if len(rooted) > 3 else ''} is no module of its own"
+        )
     if dry_run:
         note("dry run: nothing written")
 
