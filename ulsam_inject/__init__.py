@@ -15,6 +15,7 @@ from ulsam_inject.errors import UlsamError, UlsamUsageError
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
 from ulsam_inject.io.artifact import export_program, load, save
+from ulsam_inject.io.onnx_export import export_onnx
 from ulsam_inject.measure.bench import LatencyReport, measure_latency
 from ulsam_inject.surgery.inject import Retrofit, inject
 from ulsam_inject.surgery.plan import Placement, Plan, make_plan
@@ -40,6 +41,7 @@ __all__ = [
     "count",
     "errors",
     "evaluate",
+    "export_onnx",
     "export_program",
     "find_stages",
     "finetune",

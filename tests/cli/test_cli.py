@@ -164,6 +164,7 @@ def test_inject_dry_run_json_is_the_report_and_writes_nothing(tmp_path: Path) ->
     assert document["schema"] == "ulsam-inject.report/1"
     assert document["model"] == "torchvision:mobilenet_v2"
     assert document["dry_run"] is True and document["written"] == []
+    assert document["would_write"] == []
     for side in ("before", "after"):
         assert set(document[side]) >= TOTAL_KEYS
         assert all(type(document[side][k]) is int for k in TOTAL_KEYS)
@@ -181,6 +182,59 @@ def test_inject_dry_run_json_is_the_report_and_writes_nothing(tmp_path: Path) ->
     assert after["macs"] - before["macs"] == sum(b["macs"] for b in blocks)
     assert before["params"] == 3_504_872
     assert snapshot(tmp_path) == {}
+
+
+def test_inject_dry_run_takes_the_real_command_and_says_what_it_would_write(
+    ws: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "m.png").write_bytes(b"an old figure, replaced with --force")
+    args = ["inject", TINY_SPEC, "--at", "0,-1", *SIZE, "--out", "m.safetensors"]
+    args += ["--export", "m.onnx", "--plot", "m.png", "--force", "--dry-run", "--json"]
+    before = snapshot(tmp_path)
+    result = run_cli(*args, cwd=tmp_path, pythonpath=ws)
+    assert result.code == 0, result.stderr
+    folder = tmp_path.resolve()
+    names = ("m.safetensors", "m.onnx", "m.png")
+    assert result.stderr.splitlines() == [
+        *(f"would write {folder / n}" for n in names),
+        "dry run: nothing written",
+    ]
+    document = result.json()
+    assert document["dry_run"] is True and document["written"] == []
+    assert document["would_write"] == [str(folder / n) for n in names]
+    assert document["schema"] == "ulsam-inject.report/1" and len(document["blocks"]) == 2
+    assert snapshot(tmp_path) == before
+    # The same checks as the real run: without --force the existing figure is refused.
+    args.remove("--force")
+    refused = run_cli(*args, cwd=tmp_path, pythonpath=ws)
+    assert refused.code == 2 and "m.png" in refused.stderr and "--force" in refused.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_inject_exports_onnx_with_a_dynamic_batch(ws: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    args = ["inject", TINY_SPEC, "--at", "0,-1", *SIZE, "--seed", "3"]
+    result = run_cli(
+        *args, "--out", "m.safetensors", "--export", "m.onnx", cwd=tmp_path, pythonpath=ws
+    )
+    assert result.code == 0, result.stderr
+    folder = tmp_path.resolve()
+    assert result.stderr.splitlines() == [
+        f"wrote {folder / n}" for n in ("m.safetensors", "m.onnx")
+    ]
+    assert sorted(snapshot(tmp_path)) == ["m.onnx", "m.safetensors"]
+    from ulsam_inject import load
+
+    with tiny_importable(ws):
+        model = load(tmp_path / "m.safetensors", trust_recipe=True).model
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        (y,) = session.run(None, {"input": x.numpy()})
+        with torch.no_grad():
+            expected = model(x)
+        assert expected.abs().max() > 0.1  # large enough for the tolerance to matter
+        torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_inject_prints_tables_without_json(ws: Path, tmp_path: Path) -> None:
@@ -275,7 +329,7 @@ def test_inject_writes_every_output_and_count_rebuilds_the_file(ws: Path, tmp_pa
     for key in ("stem.0.weight", "features.1.conv.4.running_var", "head.weight"):
         assert torch.equal(rebuilt[key], state[f"module.{key}"]), key  # the checkpoint's weights
     program = torch.export.load(tmp_path / "m.pt2").module()
-    x = torch.randn(1, 3, 32, 32)  # the program is captured at batch 1
+    x = torch.randn(5, 3, 32, 32)  # any batch: the batch dimension is dynamic
     with torch.no_grad():
         torch.testing.assert_close(program(x), loaded.model(x), rtol=1e-5, atol=1e-6)
 

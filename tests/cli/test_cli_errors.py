@@ -287,10 +287,10 @@ CASES = [
         {},
     ),
     (
-        "dry-run-with-output",
-        ["inject", TINY_SPEC, "--at", "0", "--dry-run", "--out", "x.safetensors"],
+        "export-format",
+        ["inject", TINY_SPEC, "--at", "0", *SIZE, "--dry-run", "--export", "x.bin"],
         2,
-        ["--dry-run"],
+        ["x.bin", ".pt2 or .onnx"],
         {},
     ),
     (
@@ -364,6 +364,28 @@ def test_timm_spec_without_timm_says_how_to_install(tmp_path: Path) -> None:
         command=[sys.executable, "-c", launcher],
     )
     assert_one_line_error(result, 2, "timm", "pip install")
+
+
+def test_onnx_export_without_the_extra_says_how_to_install(tmp_path: Path) -> None:
+    # onnxscript "not installed" (a None entry in sys.modules): refused before any work.
+    launcher = (
+        "import sys; sys.modules['onnxscript'] = None; "
+        "from ulsam_inject.cli.app import main; main()"
+    )
+    result = run_cli(
+        "inject",
+        "torchvision:mobilenet_v2",
+        "--at",
+        "13",
+        "--input-size",
+        "64",
+        "--export",
+        "m.onnx",
+        cwd=tmp_path,
+        command=[sys.executable, "-c", launcher],
+    )
+    assert_one_line_error(result, 2, "onnxscript", "pip install 'ulsam-inject[onnx]'")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(ws: Path, tmp_path: Path) -> None:

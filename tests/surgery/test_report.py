@@ -316,11 +316,15 @@ def test_dry_run_prints_the_whole_report_and_writes_nothing(
     assert listing(tmp_path) == []
 
 
-def test_dry_run_refuses_outputs(
+def test_dry_run_takes_outputs_and_writes_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["inject", "torchvision:mobilenet_v2", "--at", "13", "--input-size", "64"]
-    code, _, err = run_cli([*args, "--dry-run", "--out", "m.safetensors"], capsys)
-    assert code == 2 and "--dry-run" in err
+    args += ["--dry-run", "--out", "m.safetensors", "--export", "m.pt2", "--json"]
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0
+    document = json.loads(out)
+    expected = [str(tmp_path.resolve() / n) for n in ("m.safetensors", "m.pt2")]
+    assert document["would_write"] == expected and document["written"] == []
     assert listing(tmp_path) == []

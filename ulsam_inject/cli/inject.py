@@ -34,6 +34,8 @@ from .common import (
 )
 from .options import per_position
 
+EXPORT_SUFFIXES = (".pt2", ".onnx")
+
 
 def inject(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -55,12 +57,16 @@ def inject(
         None, "--out", "-o", help="Write weights + recipe: .safetensors (default) or .pt."
     ),
     export: Path | None = typer.Option(
-        None, "--export", help="Also write a torch.export program (.pt2) for deployment."
+        None,
+        "--export",
+        help="Also write a deployable model, dynamic batch: .pt2 (torch.export) or .onnx.",
     ),
     plot: Path | None = typer.Option(
         None, "--plot", help="Write a figure (.png or .svg) of per-stage MACs and latency share."
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Report only; write nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check and report only; say what would be written, write nothing."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     seed: int | None = typer.Option(
         None, "--seed", help="Seed for the new blocks' initial weights (same seed, same blocks)."
@@ -73,10 +79,6 @@ def inject(
 ) -> None:
     """Insert ULSAM after stages (or in place of identity-shaped ones) and report costs."""
     outputs = [p for p in (out, export, plot) if p is not None]
-    if dry_run and outputs:
-        raise UlsamUsageError(
-            "--dry-run writes nothing: drop --out, --export and --plot, or --dry-run"
-        )
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise UlsamUsageError("--out, --export and --plot must name different files")
     # Malformed options and outputs that cannot be written fail before any heavy work.
@@ -84,10 +86,13 @@ def inject(
     mode_value = per_position(mode, DEFAULT_MODE, what="mode", as_int=False)
     if plot is not None:
         _check_plot(plot)
+    if export is not None:
+        _check_export(export)
+    targets = []
     for path in outputs:
         if checkpoint is not None and path.resolve() == checkpoint.resolve():
             raise UlsamUsageError(f"output {path} is the input checkpoint; choose another path")
-        check_output_path(path, force=force, protect=checkpoint)
+        targets.append(check_output_path(path, force=force, protect=checkpoint))
     if out is not None:
         check_suffix(out)
     refuse_retrofitted(model, "inject into")
@@ -114,6 +119,7 @@ def inject(
     document = report.to_dict() if report is not None else {}
     document["dry_run"] = dry_run
     document["written"] = []
+    document["would_write"] = [str(p) for p in targets] if dry_run else []
     if not dry_run:
         written = _write(loaded.module, result, out, export, plot, force=force, protect=checkpoint)
         document["written"] = [str(p) for p in written]
@@ -128,6 +134,8 @@ def inject(
             f"{', '.join(rooted[:3])}{' ...' if len(rooted) > 3 else ''} is no module of its own"
         )
     if dry_run:
+        for path in targets:
+            note(f"would write {path}")
         note("dry run: nothing written")
 
 
@@ -146,6 +154,21 @@ def _check_plot(plot: Path) -> None:
         raise MissingDependencyError("--plot needs matplotlib: pip install 'ulsam-inject[plot]'")
 
 
+def _check_export(export: Path) -> None:
+    """The export format (by suffix) and, for ONNX, its exporter, checked up front."""
+    from ulsam_inject.errors import OutputError
+    from ulsam_inject.io.onnx_export import require_onnx
+
+    suffix = export.suffix.lower()
+    if suffix not in EXPORT_SUFFIXES:
+        raise OutputError(
+            f"--export {export}: a deployable model is written as "
+            f"{' or '.join(EXPORT_SUFFIXES)}, got {export.suffix or 'no suffix'!r}"
+        )
+    if suffix == ".onnx":
+        require_onnx()
+
+
 def _write(
     original: nn.Module,
     result: Retrofit,
@@ -158,9 +181,11 @@ def _write(
 ) -> list[Path]:
     """Write the outputs asked for; on a failure remove the ones this run created.
 
-    The export program is captured first, since capturing is what fails most often.
+    The export (torch.export program or ONNX) is captured first, since capturing is what
+    fails most often.
     """
     from ulsam_inject.io.artifact import capture_program, save, write_program
+    from ulsam_inject.io.onnx_export import capture_onnx, write_onnx
 
     written: list[Path] = []
     created: list[Path] = []
@@ -171,13 +196,18 @@ def _write(
             created.append(path)
 
     try:
-        program = capture_program(result) if export is not None else None
+        onnx = export is not None and export.suffix.lower() == ".onnx"
+        program = capture_program(result) if export is not None and not onnx else None
+        onnx_program = capture_onnx(result) if onnx else None
         if out is not None:
             existed = out.exists()
             record(save(result, out, force=force, protect=protect), existed)
         if export is not None and program is not None:
             existed = export.exists()
             record(write_program(program, export, force=force, protect=protect), existed)
+        if export is not None and onnx_program is not None:
+            existed = export.exists()
+            record(write_onnx(onnx_program, export, force=force, protect=protect), existed)
         if plot is not None:
             from ulsam_inject.measure.figure import plot_retrofit
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ulsam_inject.errors import (
     ArtifactError,
@@ -392,6 +393,11 @@ def _as_os_error(error: Exception) -> Exception:
     return OSError(code, os.strerror(code) if code else errno.errorcode.get(code, "I/O error"))
 
 
+EXAMPLE_BATCH = 2
+"""The batch a program is captured at. torch.export specializes a dimension seen as 0 or 1
+to that constant, so the example batch is 2; the program then takes any batch from 1 up."""
+
+
 def export_program(
     retrofit: Retrofit,
     path: str | Path,
@@ -399,25 +405,36 @@ def export_program(
     force: bool = False,
     protect: str | Path | None = None,
 ) -> Path:
-    """Write a ``torch.export`` program of the retrofitted model (eval mode, batch 1) atomically.
+    """Write a ``torch.export`` program of the retrofitted model (eval mode) atomically.
 
-    Load it with ``torch.export.load(path).module()``; it needs neither this library nor
-    the model's source code.
+    The batch dimension is dynamic (any batch from 1 up); channels, height and width are
+    the retrofit's input size. Load it with ``torch.export.load(path).module()``; it needs
+    neither this library nor the model's source code.
     """
     return write_program(capture_program(retrofit), path, force=force, protect=protect)
 
 
-def capture_program(retrofit: Retrofit) -> torch.export.ExportedProgram:
-    """Capture the retrofitted model (eval mode, batch 1) with ``torch.export``; writes nothing.
+def example_input(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
+    """A random batch of :data:`EXAMPLE_BATCH` in the dtype of ``model``'s parameters."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.randn(EXAMPLE_BATCH, *input_size, dtype=dtype)
 
-    The model's train/eval flags are restored afterwards.
+
+def batch_dynamic_shapes() -> tuple[dict[int, Any]]:
+    """``dynamic_shapes`` for one image-batch argument whose batch dimension is free (min 1)."""
+    return ({0: torch.export.Dim("batch", min=1)},)
+
+
+def capture_program(retrofit: Retrofit) -> torch.export.ExportedProgram:
+    """Capture the retrofitted model (eval mode, dynamic batch) with ``torch.export``.
+
+    Writes nothing. The model's train/eval flags are restored afterwards.
     """
     model = retrofit.model
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    example = torch.randn(1, *retrofit.input_size, dtype=dtype)
+    example = example_input(model, retrofit.input_size)
     try:
         with eval_mode(model):
-            return torch.export.export(model, (example,))
+            return torch.export.export(model, (example,), dynamic_shapes=batch_dynamic_shapes())
     except Exception as error:
         raise ArtifactError(
             f"torch.export could not capture the model: "
