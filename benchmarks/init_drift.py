@@ -9,13 +9,14 @@ divergence of the softmax outputs (original || retrofitted), the relative change
 logits (||z' - z|| / ||z||, mean over images) and top-1 accuracy. The default init is
 random, so it is measured for ``--seeds`` block seeds (mean, and worst in brackets).
 
-Run: .venv/bin/python benchmarks/init_drift.py [--size 64] [--steps 400]
+Run: .venv/bin/python benchmarks/init_drift.py [--steps 200 --batch 32] [--cache FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -105,23 +106,60 @@ def drift(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=400, help="training steps")
-    parser.add_argument("--batch", type=int, default=64, help="training batch")
+    parser.add_argument("--steps", type=int, default=200, help="training steps")
+    parser.add_argument("--batch", type=int, default=32, help="training batch")
     parser.add_argument("--width", type=float, default=0.5, help="MobileNetV2 width_mult")
     parser.add_argument("--at", default="features.13,features.16", help="positions")
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=5, help="block seeds per init")
     parser.add_argument("--heldout", type=int, default=2000, help="held-out images")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--eval-sizes",
+        default="64,128,224",
+        help="held-out image sides (the model is convolutional)",
+    )
+    parser.add_argument(
+        "--cache", default=None, help="save the trained model here; reuse it if there"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    net, train_accuracy = train(args.size, args.steps, args.batch, args.width)
-    images, labels = make_images(args.heldout, args.size, torch.Generator().manual_seed(12345))
-    with torch.no_grad():
-        accuracy = 100.0 * (net(images).argmax(1) == labels).float().mean().item()
+    if args.cache and os.path.exists(args.cache):
+        net = torchvision.models.mobilenet_v2(num_classes=CLASSES, width_mult=args.width)
+        net.load_state_dict(torch.load(args.cache))
+        net.eval()
+        trained = f"loaded from {args.cache}"
+    else:
+        net, train_accuracy = train(args.size, args.steps, args.batch, args.width)
+        trained = (
+            f"trained {args.steps} steps of {args.batch} in {time.perf_counter() - start:.0f} s "
+            f"(last-50-batch train accuracy {100 * train_accuracy:.1f}%)"
+        )
+        if args.cache:
+            torch.save(net.state_dict(), args.cache)
     at = args.at.split(",")
+    print(
+        f"MobileNetV2 width {args.width}, {CLASSES} classes (chance {100 / CLASSES:.1f}%), "
+        f"trained at {args.size}x{args.size} px: {trained}"
+    )
+    print(f"ULSAM (g={args.groups}) after {', '.join(at)}; block seeds 0..{args.seeds - 1}")
+    for side in (int(v) for v in args.eval_sizes.split(",")):
+        images, labels = make_images(args.heldout, side, torch.Generator().manual_seed(12345))
+        report(net, images, labels, at, args.groups, args.seeds)
+
+
+def report(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    at: list[str],
+    groups: int,
+    seeds: int,
+) -> None:
+    """One table: each init's drift on ``images`` (mean over block seeds, worst in brackets)."""
+    side = images.shape[-1]
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
@@ -132,37 +170,26 @@ def main() -> None:
 
     hooks = [net.get_submodule(name).register_forward_hook(record(name)) for name in at]
     with torch.no_grad():
-        net(images[:1])
+        accuracy = 100.0 * (net(images).argmax(1) == labels).float().mean().item()
     for hook in hooks:
         hook.remove()
-    print(
-        f"MobileNetV2 width {args.width}, {args.size}x{args.size} px, {CLASSES} classes "
-        f"(chance {100 / CLASSES:.1f}%): trained {args.steps} steps in "
-        f"{time.perf_counter() - start:.0f} s; held-out accuracy {accuracy:.1f}% "
-        f"({args.heldout} images; last-50-batch train accuracy {100 * train_accuracy:.1f}%)"
-    )
-    where = ", ".join(f"{name} ({'x'.join(map(str, shapes[name]))})" for name in at)
-    print(f"ULSAM (g={args.groups}) after {where}; block seeds 0..{args.seeds - 1}")
+    where = ", ".join(f"{'x'.join(map(str, shapes[name]))}" for name in at)
     print()
+    print(f"held out: {len(images)} images at {side}x{side} px; maps at {', '.join(at)}: {where}")
     print(f"{'init':<10} {'agreement %':>16} {'KL':>20} {'logit change':>20} {'accuracy %':>16}")
     print(f"{'(none)':<10} {100.0:>16.1f} {0.0:>20.4f} {0.0:>20.4f} {accuracy:>16.1f}")
+    size = (3, side, side)
     for init in INITS:
         rows = [
             drift(
                 net,
                 inject(
-                    net,
-                    at=at,
-                    groups=args.groups,
-                    input_size=(3, args.size, args.size),
-                    seed=s,
-                    init=init,
-                    report=False,
+                    net, at=at, groups=groups, input_size=size, seed=s, init=init, report=False
                 ).model,
                 images,
                 labels,
             )
-            for s in range(args.seeds)
+            for s in range(seeds)
         ]
 
         def cell(key: str, digits: int, worst: str, rows: list[dict[str, float]] = rows) -> str:
