@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--eval-sizes",
-        default="64,128,224",
+        default="64,128",
         help="held-out image sides (the model is convolutional)",
     )
     parser.add_argument(
