@@ -36,6 +36,10 @@ class GroupsError(UlsamUsageError):
     """A group count does not divide the channels at its position."""
 
 
+class InitError(UlsamUsageError):
+    """An init (how a new block starts) is not one of the block's initializations."""
+
+
 class ModeError(UlsamUsageError):
     """A mode is neither "after" nor "replace"."""
 

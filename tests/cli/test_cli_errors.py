@@ -122,6 +122,14 @@ CASES = [
         {},
     ),
     (
+        "init-unknown",
+        ["inject", TINY_SPEC, "--at", "0", "--init", "zeros", *SIZE, "--out", "x.safetensors"],
+        2,
+        ["init 'zeros'", "default, uniform"],
+        {},
+    ),
+    ("bench-init-unknown", ["bench", TINY_SPEC, "--at", "0", "--init", "3"], 2, ["init '3'"], {}),
+    (
         "mode-unknown",
         ["inject", TINY_SPEC, "--at", "0", "--mode", "sideways"],
         2,

@@ -29,7 +29,7 @@ from ulsam_inject.block.dispatch import BlockPath, choose_path
 from ulsam_inject.block.gpu import gpu_inference_forward
 from ulsam_inject.block.inference import fold_sources, folded, inference_forward
 from ulsam_inject.block.training import NormSpec, TrainingPass, uses_batch_stats
-from ulsam_inject.errors import BlockConfigError
+from ulsam_inject.errors import BlockConfigError, InitError
 
 DEFAULT_MOMENTUM = 0.1
 """BatchNorm momentum of a new block, in PyTorch's convention (weight of the newest batch).
@@ -45,6 +45,18 @@ REFERENCE_MOMENTUM = 0.9
 MAX_CHANNELS = 1 << 20
 """The most channels a block accepts: far beyond any CNN, small enough that listing the
 valid group counts in an error message stays instant."""
+
+INITS = ("default", "uniform")
+"""How a new block can start (see :func:`check_init` and the ``init`` argument of :class:`ULSAM`).
+
+- ``"default"``: PyTorch's initialization of every layer (the reference code's);
+- ``"uniform"``: the attention map starts flat, ``A = 1/(H*W)`` at every position, so the
+  block starts as ``x * (1 + 1/(H*W))``: the pointwise BatchNorm's weight is 0 and its bias 1,
+  so the logits are the constant 1 in train and eval mode, and ReLU still passes gradient.
+"""
+
+DEFAULT_INIT = "default"
+"""The init of a new block unless told otherwise (figures: benchmarks/init_drift.py)."""
 
 _REFERENCE_KEY = re.compile(r"^subspaces\.(\d+)\.(conv_dws|bn_dws|conv_point|bn_point)\.(\w+)$")
 
@@ -84,6 +96,23 @@ def check_groups(channels: int, groups: int, where: str = "") -> None:
         )
 
 
+def check_init(init: object) -> str:
+    """``init`` if it is one of :data:`INITS`; else :class:`~ulsam_inject.errors.InitError`.
+
+    Example:
+        >>> check_init("uniform")
+        'uniform'
+        >>> check_init("zeros")
+        Traceback (most recent call last):
+        ...
+        ulsam_inject.errors.InitError: init 'zeros' is not one of: default, uniform
+    """
+    if not isinstance(init, str) or init not in INITS:
+        shown = repr(init) if isinstance(init, str) else f"{init!r} ({type(init).__name__})"
+        raise InitError(f"init {shown[:80]} is not one of: {', '.join(INITS)}")
+    return init
+
+
 class ULSAM(nn.Module):
     """Ultra-Lightweight Subspace Attention (Saini et al., WACV 2020), vectorized.
 
@@ -100,6 +129,9 @@ class ULSAM(nn.Module):
             Defaults to PyTorch's 0.1 (:data:`DEFAULT_MOMENTUM`); the reference code's 0.9
             is kept by :meth:`from_reference_state_dict`.
         eps: BatchNorm epsilon.
+        init: how the block starts, one of :data:`INITS`: ``"default"`` (PyTorch's
+            initialization) or ``"uniform"`` (a flat attention map: the block starts as
+            ``x * (1 + 1/(H*W))``; see :meth:`start_uniform`).
 
     Parameters: 5C + 3g (conv weights 2C, conv biases C + g, BN affine 2C + 2g).
     MACs: 2*C*H*W (depthwise and grouped pointwise 1x1 convs), independent of g.
@@ -126,8 +158,10 @@ class ULSAM(nn.Module):
         *,
         momentum: float = DEFAULT_MOMENTUM,
         eps: float = 1e-5,
+        init: str = DEFAULT_INIT,
     ) -> None:
         super().__init__()
+        check_init(init)
         check_groups(channels, groups)
         self.channels = channels
         self.groups = groups
@@ -135,6 +169,24 @@ class ULSAM(nn.Module):
         self.dw_bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
         self.pw = nn.Conv2d(channels, groups, kernel_size=1, groups=groups, bias=True)
         self.pw_bn = nn.BatchNorm2d(groups, eps=eps, momentum=momentum)
+        if init == "uniform":
+            self.start_uniform()
+
+    @torch.no_grad()
+    def start_uniform(self) -> ULSAM:
+        """Make the attention map flat: ``A = 1/(H*W)`` everywhere, in train and eval mode.
+
+        The pointwise BatchNorm's weight becomes 0 and its bias 1, so the logits are the
+        constant 1 whatever the input and the block computes ``x * (1 + 1/(H*W))``. No
+        choice of the block's parameters gives ``x`` itself (``A`` is a softmax: it sums to
+        1 over H*W), and a flat map is the smallest ``A`` can be at every position. The
+        logits are 1 rather than 0 so that ReLU passes gradient, and the conv weights stay
+        random so the BatchNorm weight gets gradient: the block can still learn. Returns
+        the block.
+        """
+        self.pw_bn.weight.zero_()
+        self.pw_bn.bias.fill_(1.0)
+        return self
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"

@@ -8,6 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ulsam_inject.block.module import DEFAULT_INIT, check_init
 from ulsam_inject.measure.bench import LatencyReport, measure_latency
 from ulsam_inject.surgery.inject import inject as inject_model
 from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE
@@ -15,6 +16,7 @@ from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE
 from .common import (
     MODEL_HELP,
     CheckpointOption,
+    InitOption,
     InputSizeOption,
     JsonOption,
     KwargsOption,
@@ -48,6 +50,7 @@ def bench(
     ),
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs of each model first."),
     repeats: int = typer.Option(30, "--repeats", "-r", min=1, help="Timed runs of each model."),
+    init: str | None = InitOption,
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
     trust_recipe: bool = TrustRecipeOption,
@@ -58,6 +61,7 @@ def bench(
     # Malformed options fail before the model is built.
     groups_value = per_position(groups, DEFAULT_GROUPS, what="groups", as_int=True)
     mode_value = per_position(mode, DEFAULT_MODE, what="mode", as_int=False)
+    init_value = check_init(DEFAULT_INIT if init is None else init)
     refuse_retrofitted(model, "bench")
     loaded = load_model(
         model,
@@ -76,6 +80,7 @@ def bench(
         mode=mode_value,
         input_size=loaded.input_size,
         report=False,
+        init=init_value,
     )
     columns = (
         TextColumn("timing"),

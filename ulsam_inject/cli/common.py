@@ -49,6 +49,12 @@ InputSizeOption = typer.Option(
     None, "--input-size", "-s", help="224 or HxW (e.g. 224x160); default: the model's own."
 )
 JsonOption = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+InitOption = typer.Option(
+    None,
+    "--init",
+    help="How new blocks start: default (PyTorch's init) or uniform (flat attention map: "
+    "each block starts as x * (1 + 1/(H*W))).",
+)
 
 
 @dataclass(frozen=True)

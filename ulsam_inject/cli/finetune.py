@@ -23,6 +23,7 @@ from ulsam_inject.io.fileio import check_output_path
 from .common import (
     MODEL_HELP,
     CheckpointOption,
+    InitOption,
     InputSizeOption,
     KwargsOption,
     PretrainedOption,
@@ -108,6 +109,7 @@ def finetune(
     std: str | None = StdOption,
     interpolation: str | None = InterpolationOption,
     seed: int = typer.Option(0, "--seed", help="Same seed, same run (on the CPU: same weights)."),
+    init: str | None = InitOption,
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue an interrupted run from its OUT.resume.pt."
     ),
@@ -127,6 +129,7 @@ def finetune(
     """Fine-tune a retrofitted model: ULSAM blocks first, then all parameters; keep the best."""
     import torch
 
+    from ulsam_inject.block.module import DEFAULT_INIT, check_init
     from ulsam_inject.surgery.inject import inject as inject_model
     from ulsam_inject.surgery.report import render_report
     from ulsam_inject.train import data as train_data
@@ -154,6 +157,7 @@ def finetune(
     )
     groups_value = per_position(groups, 4, what="groups", as_int=True)
     mode_value = per_position(mode, "after", what="mode", as_int=False)
+    init_value = check_init(DEFAULT_INIT if init is None else init)
     mean_values, std_values = parse_floats(mean, "mean"), parse_floats(std, "std")
     if interpolation is not None and interpolation not in train_data.INTERPOLATIONS:
         raise UlsamUsageError(
@@ -198,6 +202,11 @@ def finetune(
                     f"{model} is already retrofitted: its blocks are trained as they are; "
                     f"drop --at, or inject into its source model ({loaded.source})"
                 )
+            if init is not None:
+                raise UlsamUsageError(
+                    f"{model} is already retrofitted: its blocks start from its weights; "
+                    f"drop --init, or inject into its source model ({loaded.source})"
+                )
             retrofit = dataclasses.replace(loaded.retrofit, model=loaded.module).with_source(
                 loaded.source, kwargs
             )
@@ -214,6 +223,7 @@ def finetune(
                 groups=groups_value,
                 mode=mode_value,
                 input_size=loaded.input_size,
+                init=init_value,
             ).with_source(loaded.source, kwargs)
         if num_classes is not None:
             _check_rebuild(retrofit)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from torch import nn
 
+from ulsam_inject.block.module import DEFAULT_INIT, check_init
 from ulsam_inject.errors import UlsamUsageError
 from ulsam_inject.io.artifact import check_suffix
 from ulsam_inject.io.fileio import check_output_path
@@ -19,6 +20,7 @@ from ulsam_inject.surgery.report import render_report
 from .common import (
     MODEL_HELP,
     CheckpointOption,
+    InitOption,
     InputSizeOption,
     JsonOption,
     KwargsOption,
@@ -71,6 +73,7 @@ def inject(
     seed: int | None = typer.Option(
         None, "--seed", help="Seed for the new blocks' initial weights (same seed, same blocks)."
     ),
+    init: str | None = InitOption,
     json_output: bool = JsonOption,
     trust_checkpoint: bool = TrustOption,
     trust_recipe: bool = TrustRecipeOption,
@@ -84,6 +87,7 @@ def inject(
     # Malformed options and outputs that cannot be written fail before any heavy work.
     groups_value = per_position(groups, DEFAULT_GROUPS, what="groups", as_int=True)
     mode_value = per_position(mode, DEFAULT_MODE, what="mode", as_int=False)
+    init_value = check_init(DEFAULT_INIT if init is None else init)
     if plot is not None:
         _check_plot(plot)
     if export is not None:
@@ -113,6 +117,7 @@ def inject(
         mode=mode_value,
         input_size=loaded.input_size,
         seed=seed,
+        init=init_value,
     )
     result = result.with_source(loaded.source, loaded.source_kwargs)
     report = result.report

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulsam_inject.block.module import ULSAM
+from ulsam_inject.block.module import DEFAULT_INIT, ULSAM, check_init
 from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE, check_input_size
 from ulsam_inject.graph.stages import Stage
@@ -91,6 +91,7 @@ def inject(
     model_kwargs: Mapping[str, Any] | None = None,
     report: bool = True,
     seed: int | None = None,
+    init: str = DEFAULT_INIT,
 ) -> Retrofit:
     """Retrofit ULSAM into ``model`` at the positions ``at``; the model passed in is untouched.
 
@@ -98,7 +99,9 @@ def inject(
     chosen stages' modules changed (see :mod:`ulsam_inject.surgery.local`); a stage that is
     not a module of its own makes the whole model a rewritten ``torch.fx.GraphModule``, and
     each placement's ``rewrite`` says which happened. ``seed`` makes the new blocks' initial
-    weights reproducible without touching the global random stream.
+    weights reproducible without touching the global random stream. ``init`` says how
+    they start: ``"default"`` (PyTorch's initialization) or ``"uniform"`` (a flat attention
+    map, so each block starts as ``x * (1 + 1/(H*W))``; see :class:`ulsam_inject.ULSAM`).
 
     With ``report=True`` (default) the result carries a :class:`~ulsam_inject.surgery.report.Report`
     of parameter, MAC, other-op and memory-traffic deltas, counted on shapes alone.
@@ -122,6 +125,7 @@ def inject(
         >>> result.plan.to_list()[0]
         {'at': 'features.13', 'groups': 4, 'mode': 'after'}
     """
+    check_init(init)
     source: str | None = None
     if isinstance(model, str):
         from ulsam_inject.io.sources import build_model, parse_model_spec
@@ -142,7 +146,7 @@ def inject(
         for p in plan.placements
         if p.mode == "replace"
     }
-    make_block = _block_maker(working, seed)
+    make_block = _block_maker(working, seed, init)
     local_plan = None
     if all(stage_rewritable(traced, p) for p in plan.placements):
         local_plan = rewrite_stages(working, plan, make_block)
@@ -185,9 +189,13 @@ def inject(
     )
 
 
-def _block_maker(model: nn.Module, seed: int | None) -> Callable[[Placement], ULSAM]:
-    """New blocks on the model's device and dtype, in the mode of the module they join;
-    with ``seed``, drawn from a generator of their own (the caller's stream untouched)."""
+def _block_maker(
+    model: nn.Module, seed: int | None, init: str = DEFAULT_INIT
+) -> Callable[[Placement], ULSAM]:
+    """New blocks on the model's device and dtype, in the mode of the module they join,
+    started as ``init`` says; with ``seed``, drawn from a generator of their own (the
+    caller's stream untouched)."""
+    check_init(init)
     reference = next(iter(model.parameters()), None)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
 
@@ -195,9 +203,9 @@ def _block_maker(model: nn.Module, seed: int | None) -> Callable[[Placement], UL
         if generator is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-                block = ULSAM(placement.channels, placement.groups)
+                block = ULSAM(placement.channels, placement.groups, init=init)
         else:
-            block = ULSAM(placement.channels, placement.groups)
+            block = ULSAM(placement.channels, placement.groups, init=init)
         if reference is not None:
             block = block.to(device=reference.device, dtype=reference.dtype)
         try:  # the mode of the module it joins (a flat stage is no module: the model's)
