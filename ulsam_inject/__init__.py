@@ -14,7 +14,7 @@ from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.errors import UlsamError, UlsamUsageError
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
-from ulsam_inject.io.artifact import export_program, load, save
+from ulsam_inject.io.artifact import export_program, load, load_retrofit, read_recipe, save
 from ulsam_inject.io.onnx_export import export_onnx
 from ulsam_inject.measure.bench import LatencyReport, measure_latency
 from ulsam_inject.surgery.inject import Retrofit, inject
@@ -47,8 +47,10 @@ __all__ = [
     "finetune",
     "inject",
     "load",
+    "load_retrofit",
     "make_plan",
     "measure_latency",
+    "read_recipe",
     "resolve_positions",
     "save",
     "trace_model",

@@ -226,7 +226,7 @@ def test_inject_exports_onnx_with_a_dynamic_batch(ws: Path, tmp_path: Path) -> N
     from ulsam_inject import load
 
     with tiny_importable(ws):
-        model = load(tmp_path / "m.safetensors", trust_recipe=True).model
+        model = load(tmp_path / "m.safetensors", trust_recipe=True)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         x = torch.randn(batch, 3, 32, 32)
@@ -325,13 +325,13 @@ def test_inject_writes_every_output_and_count_rebuilds_the_file(ws: Path, tmp_pa
     with tiny_importable(ws):
         loaded = load(tmp_path / "m.safetensors", trust_recipe=True)
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
-    rebuilt = loaded.model.state_dict()
+    rebuilt = loaded.state_dict()
     for key in ("stem.0.weight", "features.1.conv.4.running_var", "head.weight"):
         assert torch.equal(rebuilt[key], state[f"module.{key}"]), key  # the checkpoint's weights
     program = torch.export.load(tmp_path / "m.pt2").module()
     x = torch.randn(5, 3, 32, 32)  # any batch: the batch dimension is dynamic
     with torch.no_grad():
-        torch.testing.assert_close(program(x), loaded.model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(program(x), loaded(x), rtol=1e-5, atol=1e-6)
 
 
 def test_trusted_pickled_checkpoint_is_read(ws: Path, tmp_path: Path) -> None:

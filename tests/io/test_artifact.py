@@ -21,9 +21,9 @@ from cli_helpers import snapshot, subprocess_env, tiny_importable, write_tiny_mo
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ulsam_inject import ULSAM, Retrofit, export_program, inject, load, save
+from ulsam_inject import ULSAM, Retrofit, export_program, inject, load, load_retrofit, save
 from ulsam_inject.errors import ArtifactError, CheckpointError, OutputError, UlsamUsageError
-from ulsam_inject.io.artifact import FORMAT, RECIPE_KEY, is_artifact, read_recipe
+from ulsam_inject.io.artifact import FORMAT, RECIPE_KEY, is_artifact, read_artifact, read_recipe
 
 SPEC = "torchvision:mobilenet_v2"
 KWARGS = {"num_classes": 10}
@@ -123,8 +123,8 @@ def test_pt_file_loads_with_weights_only(retrofit: Retrofit, saved: dict[str, Pa
 
 
 def test_both_formats_read_back_the_same(saved: dict[str, Path]) -> None:
-    recipe_a, state_a = read_recipe(saved["safetensors"])
-    recipe_b, state_b = read_recipe(saved["pt"])
+    recipe_a, state_a = read_artifact(saved["safetensors"])
+    recipe_b, state_b = read_artifact(saved["pt"])
     assert recipe_a == recipe_b
     assert set(state_a) == set(state_b)
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
@@ -132,7 +132,7 @@ def test_both_formats_read_back_the_same(saved: dict[str, Path]) -> None:
 
 
 def test_load_rebuilds_the_model_in_eval_mode(retrofit: Retrofit, saved: dict[str, Path]) -> None:
-    loaded = load(saved["pt"])
+    loaded = load_retrofit(saved["pt"])
     assert not loaded.model.training
     assert loaded.plan.to_list() == PLAN
     assert loaded.source == SPEC and dict(loaded.source_kwargs or {}) == KWARGS
@@ -173,7 +173,7 @@ def test_save_needs_a_model_spec_to_rebuild_from(tmp_path: Path) -> None:
         save(result, tmp_path / "m.safetensors")
     assert snapshot(tmp_path) == {}
     path = save(result, tmp_path / "m.safetensors", source=SPEC)
-    assert read_recipe(path)[0]["model"] == SPEC
+    assert read_recipe(path)["model"] == SPEC
 
 
 # -- reading files that are not what they should be ----------------------------------------
@@ -261,7 +261,7 @@ def test_load_refuses_truncated_files(saved: dict[str, Path], tmp_path: Path) ->
 def test_load_refuses_weights_that_do_not_fit_the_recipe(
     retrofit: Retrofit, saved: dict[str, Path], tmp_path: Path
 ) -> None:
-    recipe, state = read_recipe(saved["safetensors"])
+    recipe, state = read_artifact(saved["safetensors"])
     state = dict(state)
     dropped = block_keys(retrofit)[-1]
     del state[dropped]
@@ -335,7 +335,7 @@ out = Path(sys.argv[1])
 x = torch.load(out / "ref.pt", weights_only=True)["x"]
 outputs, states, training = {}, {}, {}
 for name in ("m.safetensors", "m.pt"):
-    model = load(out / name).model
+    model = load(out / name)
     training[name] = model.training
     with torch.no_grad():
         outputs[name] = model(x)

@@ -15,7 +15,7 @@ import torch
 from cli_helpers import snapshot
 from safetensors.torch import save_file
 
-from ulsam_inject import count, find_stages, inject, load, save, trace_model
+from ulsam_inject import count, find_stages, inject, load, load_retrofit, save, trace_model
 from ulsam_inject.errors import (
     ArtifactError,
     InputSizeError,
@@ -28,7 +28,7 @@ from ulsam_inject.errors import (
     first_line,
 )
 from ulsam_inject.guards import echo
-from ulsam_inject.io.artifact import FORMAT, RECIPE_KEY, peek_recipe, read_recipe
+from ulsam_inject.io.artifact import FORMAT, RECIPE_KEY, read_artifact, read_recipe
 from ulsam_inject.io.sources import build_model, check_file_spec, parse_model_spec
 
 PLAN = [{"at": "features.13", "groups": 4, "mode": "after"}]
@@ -74,7 +74,7 @@ def test_load_never_runs_a_callable_from_a_file(tmp_path: Path, suffix: str) -> 
     assert "trust_recipe=True" in message and "\n" not in message
     assert not marker.exists()
     read_recipe(path)  # reading is data only
-    peek_recipe(path)
+    read_artifact(path)
     assert not marker.exists()
 
 
@@ -115,15 +115,15 @@ def test_plain_zoo_recipes_load_and_trust_allows_callables(tmp_path: Path) -> No
         report=False,
     )
     path = save(result, tmp_path / "m.pt")
-    assert load(path).plan.to_list() == PLAN
+    assert load_retrofit(path).plan.to_list() == PLAN
     # The same file naming a factory by its module path: refused, then allowed with trust.
-    recipe_, state = read_recipe(path)
+    recipe_, state = read_artifact(path)
     recipe_["model"] = "torchvision.models:mobilenet_v2"
     other = tmp_path / "callable.safetensors"
     save_file(state, str(other), metadata={RECIPE_KEY: json.dumps(recipe_)})
     with pytest.raises(UntrustedRecipeError, match=r"torchvision\.models:mobilenet_v2"):
         load(other)
-    assert load(other, trust_recipe=True).plan.to_list() == PLAN
+    assert load_retrofit(other, trust_recipe=True).plan.to_list() == PLAN
 
 
 TYPE_CONFUSED = [

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from ulsam_inject import ULSAM, inject, load, save
 from ulsam_inject.errors import PositionError
-from ulsam_inject.io.artifact import read_recipe
+from ulsam_inject.io.artifact import read_artifact
 from ulsam_inject.surgery.plan import module_name_for
 
 SMALL = (3, 64, 64)
@@ -111,15 +111,23 @@ def test_timm_model_keeps_its_methods_config_and_batchnorm_modules(timm_model):
     assert retrofit(torch.randn(2, *SMALL)).shape == (2, 7)
 
 
-def test_a_flat_stage_falls_back_to_the_whole_graph():
-    """A depthwise/pointwise pair laid flat in a Sequential is no module of its own."""
+def test_a_flat_stage_is_rewritten_in_its_parent():
+    """A depthwise/pointwise pair laid flat in a Sequential is changed in that Sequential."""
     spec = NetSpec(groups=((BlockSpec("dws", 16, style="flat"), BlockSpec("dws", 16)),))
     torch.manual_seed(0)
     model = build(spec).eval()
     result = inject(model, at=0, input_size=INPUT_SIZE)
-    assert [p.rewrite for p in result.plan.placements] == ["root"]
-    assert isinstance(result.model, fx.GraphModule)
-    assert result.report is not None and result.report.blocks[0].rewrite == "root"
+    assert [p.rewrite for p in result.plan.placements] == ["parent:features"]
+    assert type(result.model) is type(model)
+    assert not isinstance(result.model, fx.GraphModule)
+    assert result.report is not None and result.report.blocks[0].rewrite == "parent:features"
+    block = result.model.features.ulsam_0_5
+    assert isinstance(block, ULSAM)
+    # The same as running the block on the output of the stage's last layer.
+    expected_model = copy.deepcopy(model)
+    expected_model.features[5].register_forward_hook(lambda _m, _i, out: block(out))
+    x = torch.randn(2, *INPUT_SIZE)
+    assert torch.equal(_run(result.model, x), _run(expected_model, x))
 
 
 def test_seed_gives_the_same_blocks_whatever_the_global_stream(tv_model):
@@ -159,7 +167,7 @@ def test_files_written_with_the_old_block_layout_still_load(tmp_path: Path, tv_m
     """Before the stage-level rewrite, blocks were saved under ``ulsam.<stage with _>``."""
     result = inject("torchvision:mobilenet_v2", at=AT, input_size=SMALL)
     path = save(result, tmp_path / "new.safetensors")
-    recipe, state = read_recipe(path)
+    recipe, state = read_artifact(path)
     old_state = {}
     for key, value in state.items():
         for p in result.plan.placements:
@@ -170,7 +178,7 @@ def test_files_written_with_the_old_block_layout_still_load(tmp_path: Path, tv_m
     old = tmp_path / "old.safetensors"
     save_file(old_state, str(old), metadata={"ulsam_inject.recipe": json.dumps(recipe)})
     x = torch.randn(1, *SMALL)
-    assert torch.equal(_run(load(old).model, x), _run(load(path).model, x))
+    assert torch.equal(_run(load(old), x), _run(load(path), x))
 
 
 TENSOR_HOMES = """
@@ -220,7 +228,7 @@ def net(flat=False):
 """
 
 
-@pytest.mark.parametrize(("flat", "rewrite"), [(False, "stage"), (True, "root")])
+@pytest.mark.parametrize(("flat", "rewrite"), [(False, "stage"), (True, "parent:features")])
 def test_every_tensor_survives_inject_save_and_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flat: bool, rewrite: str
 ) -> None:
@@ -250,7 +258,7 @@ def test_every_tensor_survives_inject_save_and_load(
     assert "scratch" not in model.state_dict()  # non-persistent stays non-persistent
     assert set(original.state_dict()) <= set(model.state_dict())
     path = save(result, tmp_path / "m.safetensors")
-    again = load(path, trust_recipe=True).model
+    again = load(path, trust_recipe=True)
     state = again.state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(state[key], value), key

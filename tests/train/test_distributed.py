@@ -43,14 +43,14 @@ def test_two_gloo_processes_equal_one(image_tree: Path, tiny_folder: Path, tmp_p
         assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
         assert done.stderr.count("wrote ") == 1, done.stderr
         outputs[processes] = out
-    recipes = [read_recipe(outputs[n])[0]["training"] for n in (1, 2)]
+    recipes = [read_recipe(outputs[n])["training"] for n in (1, 2)]
     assert [r["world_size"] for r in recipes] == [1, 2]
     # Metrics summed over both processes: the same images counted once.
     for one, two in zip(recipes[0]["history"], recipes[1]["history"]):
         assert two["val_top1"] == pytest.approx(one["val_top1"])
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     with tiny_importable(tiny_folder):
-        one_state = load(outputs[1], trust_recipe=True).model.state_dict()
-        two_state = load(outputs[2], trust_recipe=True).model.state_dict()
+        one_state = load(outputs[1], trust_recipe=True).state_dict()
+        two_state = load(outputs[2], trust_recipe=True).state_dict()
     for name, value in one_state.items():
         torch.testing.assert_close(two_state[name], value, rtol=1e-4, atol=1e-5, msg=name)

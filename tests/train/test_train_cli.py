@@ -48,7 +48,7 @@ def test_finetune_interrupt_resume_and_evaluate(
     assert "replaced the head head (10 -> 3 classes)" in done.stderr
     assert f"wrote {first}" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.safetensors"]
-    recipe, _ = read_recipe(first)
+    recipe = read_recipe(first)
     assert recipe["model_kwargs"] == {"num_classes": 3}
     training = recipe["training"]
     assert training["best_epoch"] == lines[-1]["best_epoch"]
@@ -94,8 +94,8 @@ def test_finetune_interrupt_resume_and_evaluate(
     assert resumed.code == 0, resumed.stderr
     assert not state.exists()
     with tiny_importable(tiny_folder):
-        a = load(first, trust_recipe=True).model.state_dict()
-        b = load(second, trust_recipe=True).model.state_dict()
+        a = load(first, trust_recipe=True).state_dict()
+        b = load(second, trust_recipe=True).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     evaluated = run_cli(

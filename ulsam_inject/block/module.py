@@ -169,6 +169,11 @@ class ULSAM(nn.Module):
         self.dw_bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
         self.pw = nn.Conv2d(channels, groups, kernel_size=1, groups=groups, bias=True)
         self.pw_bn = nn.BatchNorm2d(groups, eps=eps, momentum=momentum)
+        # Where inject put the block (the stage's name) and whether it replaced the stage:
+        # what :func:`ulsam_inject.save` reads to write a rebuildable recipe from a bare
+        # model. None for a block built by hand.
+        self.placed_at: str | None = None
+        self.replaces_stage = False
         if init == "uniform":
             self.start_uniform()
 

@@ -119,10 +119,10 @@ def load_model(
                 f"{model} is a retrofitted-model file: it carries its own weights and model "
                 f"arguments, so --checkpoint, --pretrained and --model-kwargs do not apply"
             )
-        from ulsam_inject.io.artifact import load
+        from ulsam_inject.io.artifact import load_retrofit
 
         progress(f"rebuilding {model}")
-        retrofit = load(model, trust_recipe=trust_recipe)
+        retrofit = load_retrofit(model, trust_recipe=trust_recipe)
         return LoadedModel(
             retrofit.model,
             retrofit.source,
@@ -160,10 +160,10 @@ def refuse_retrofitted(model: str, what: str) -> None:
     """Refuse a MODEL file written by --out, from its recipe alone: nothing is built."""
     if not looks_like_file(model):
         return
-    from ulsam_inject.io.artifact import is_artifact, peek_recipe
+    from ulsam_inject.io.artifact import is_artifact, read_recipe
 
     if is_artifact(model):
-        source = peek_recipe(model)["model"]
+        source = read_recipe(model)["model"]
         raise UlsamUsageError(
             f"{model} is already retrofitted; {what} its source model ({source}) "
             f"with the combined positions instead"

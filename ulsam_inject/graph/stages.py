@@ -30,8 +30,8 @@ from torch import fx, nn
 
 from ulsam_inject.graph.modes import TRAINING_FLAG
 from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE, node_shape
-from ulsam_inject.graph.trace import BLOCKS, LeafTypes, Traced, trace_model
-from ulsam_inject.graph.tree import ModelTree, is_anchor_conv, is_pointwise_conv
+from ulsam_inject.graph.trace import LeafTypes, Traced, trace_model
+from ulsam_inject.graph.tree import ModelTree, is_anchor_conv, is_block_path, is_pointwise_conv
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -232,7 +232,7 @@ def _add_flat_stage(tree: ModelTree, anchor_path: str, found: list[tuple[int, St
             break  # the pair ends with the container that lays it out
         module = tree.module(user) if user.op == "call_module" else None
         if user.op == "call_module" and (
-            isinstance(module, tree.block_types) or str(user.target).split(".")[0] == BLOCKS
+            isinstance(module, tree.block_types) or is_block_path(str(user.target))
         ):
             break  # a retrofitted model's block is not part of the stage
         if module is not None and isinstance(module, nn.Conv2d):

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from torch import fx, nn
 
-from ulsam_inject.graph.trace import Traced
+from ulsam_inject.graph.trace import BLOCKS, Traced
 
 
 def is_anchor_conv(module: nn.Module) -> bool:
@@ -25,6 +25,12 @@ def is_anchor_conv(module: nn.Module) -> bool:
 
 def is_pointwise_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == 1 and module.kernel_size == (1, 1)
+
+
+def is_block_path(path: str) -> bool:
+    """A path where a retrofit keeps a block: ``ulsam.features_13`` (the root layout),
+    ``features.13.ulsam`` (a stage's), ``layers.ulsam_3_7`` (a parent's)."""
+    return any(part == BLOCKS or part.startswith(BLOCKS + "_") for part in path.split("."))
 
 
 class ModelTree:
@@ -88,7 +94,12 @@ class ModelTree:
         module = self.modules.get(path)
         if isinstance(module, (nn.Sequential, nn.ModuleList)):
             return True
-        names = [c.rsplit(".", 1)[-1] for c in self.children(path)]
+        # A retrofit's block put into a container (``ulsam_3_7``) does not make it less of one.
+        names = [
+            c.rsplit(".", 1)[-1]
+            for c in self.children(path)
+            if not isinstance(self.modules[c], self.block_types) and not is_block_path(c)
+        ]
         return bool(names) and all(name.isdigit() for name in names)
 
     def first_index(self, path: str) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ulsam_inject.block.module import ULSAM
 from ulsam_inject.errors import (
     ArtifactError,
     CheckpointError,
@@ -54,11 +55,30 @@ def versions() -> dict[str, str]:
     return found
 
 
-def recipe_of(retrofit: Retrofit, source: str | None = None) -> dict[str, Any]:
-    """The recipe that rebuilds ``retrofit``; ``source`` names the model spec if it had none."""
-    recipe = retrofit.recipe()
+def recipe_of(
+    model: Retrofit | nn.Module,
+    source: str | None = None,
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+) -> dict[str, Any]:
+    """The recipe that rebuilds ``model``: a :class:`Retrofit`'s own, or, for a bare module,
+    one derived from the ULSAM blocks it holds. ``source``, ``model_kwargs`` and
+    ``input_size`` override (or, for a bare module, give) the spec, its keyword arguments
+    and the input size."""
+    if isinstance(model, Retrofit):
+        recipe = model.recipe()
+    else:
+        recipe = {
+            "model": None,
+            "model_kwargs": {},
+            "input_size": None,
+            "plan": plan_of(model),
+        }
     if source is not None:
         recipe["model"] = source
+    if model_kwargs is not None:
+        recipe["model_kwargs"] = dict(model_kwargs)
     if not recipe["model"]:
         raise ArtifactError(
             "cannot save a rebuildable model: it was made from a module object, not a model "
@@ -68,19 +88,62 @@ def recipe_of(retrofit: Retrofit, source: str | None = None) -> dict[str, Any]:
         json.dumps(recipe["model_kwargs"])
     except TypeError as error:
         raise ArtifactError(f"model keyword arguments must be JSON values: {error}") from None
+    if input_size is not None:
+        recipe["input_size"] = list(input_size)
+    elif recipe["input_size"] is None:
+        from ulsam_inject.io.sources import default_input_size, parse_model_spec
+
+        spec = parse_model_spec(recipe["model"], recipe["model_kwargs"])
+        recipe["input_size"] = list(default_input_size(spec))
     return {"format": FORMAT, **recipe, "versions": versions()}
 
 
+def plan_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The recipe's plan read from the ULSAM blocks ``model`` holds, in module order.
+
+    Each block put in by :func:`ulsam_inject.inject` knows its stage and whether it
+    replaced it; a model with no block, or with a block built by hand, has no plan
+    (:class:`ArtifactError`).
+    """
+    plan = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ULSAM):
+            continue
+        if module.placed_at is None:
+            raise ArtifactError(
+                f"the ULSAM block at {name!r} was not put in by inject, so the stage it "
+                f"belongs to is unknown; retrofit the model with ulsam_inject.inject"
+            )
+        mode = "replace" if module.replaces_stage else "after"
+        plan.append({"at": module.placed_at, "groups": module.groups, "mode": mode})
+    if not plan:
+        raise ArtifactError(
+            "the model holds no ULSAM block: there is no retrofit to save; save a plain "
+            "model with torch.save(model.state_dict(), path) or safetensors instead"
+        )
+    return plan
+
+
 def save(
-    retrofit: Retrofit,
+    model: Retrofit | nn.Module,
     path: str | Path,
     *,
     source: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    input_size: tuple[int, int, int] | None = None,
     force: bool = False,
     protect: str | Path | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the retrofitted model's weights and recipe to ``path``, atomically.
+    """Write a retrofitted model's weights and recipe to ``path``, atomically.
+
+    ``model`` is a :class:`Retrofit` or the retrofitted ``nn.Module`` itself (its recipe is
+    then read from the ULSAM blocks it holds; ``source`` names the model spec it was built
+    from, ``model_kwargs`` the factory's keyword arguments, ``input_size`` defaults to the
+    spec's own). Before anything is written, the model the recipe rebuilds is compared with
+    ``model``: a model changed since (``reset_classifier(10)``, a new head) is refused
+    (:class:`ArtifactError`) with the first key that differs and the factory keyword that
+    likely rebuilds it (``model_kwargs={"num_classes": 10}``). So a saved file always loads.
 
     The format follows the suffix: ``.pt``/``.pth`` for a torch file, ``.safetensors``
     for safetensors; any other suffix is refused (:class:`OutputError`). An existing file
@@ -90,23 +153,24 @@ def save(
 
     Example:
         >>> import tempfile, os
-        >>> from ulsam_inject import inject, save, load
+        >>> from ulsam_inject import inject, save, load, read_recipe
         >>> result = inject("torchvision:mobilenet_v2", at="features.13")
-        >>> path = save(result, os.path.join(tempfile.mkdtemp(), "net.safetensors"))
-        >>> load(path).plan.to_list()
-        [{'at': 'features.13', 'groups': 4, 'mode': 'after'}]
+        >>> path = save(result.model, os.path.join(tempfile.mkdtemp(), "net.safetensors"),
+        ...             source="torchvision:mobilenet_v2")
+        >>> type(load(path)).__name__, read_recipe(path)["plan"]
+        ('MobileNetV2', [{'at': 'features.13', 'groups': 4, 'mode': 'after'}])
     """
     check_suffix(path)
-    recipe = recipe_of(retrofit, source)
+    recipe = recipe_of(model, source, model_kwargs=model_kwargs, input_size=input_size)
     for key, value in (extra or {}).items():
         if key in recipe:
             raise ArtifactError(f"extra recipe key {key!r} would replace the recipe's own")
         recipe[key] = value
+    module = model.model if isinstance(model, Retrofit) else model
     # Shared or non-contiguous tensors are stored as independent copies (safetensors
     # refuses aliasing); loading restores them into the rebuilt modules.
-    state = {
-        k: v.detach().cpu().contiguous().clone() for k, v in retrofit.model.state_dict().items()
-    }
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    check_rebuilds(recipe, state)
     text = json.dumps(recipe, sort_keys=True)
     target = Path(path)
 
@@ -130,6 +194,47 @@ def save(
     return atomic_write(target, write, force=force, protect=protect)
 
 
+def check_rebuilds(recipe: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse ``state`` unless the model ``recipe`` rebuilds has the same keys and shapes.
+
+    The message names the first difference and, where the model's classifier differs, the
+    ``num_classes`` keyword that would rebuild it.
+    """
+    rebuilt = _rebuild(recipe).model
+    expected = rebuilt.state_dict()
+    order = list(state) + [k for k in expected if k not in state]
+    for key in order:
+        mine, theirs = state.get(key), expected.get(key)
+        if mine is not None and theirs is not None and mine.shape == theirs.shape:
+            continue
+        what = (
+            f"{key!r} is {_shape(mine)} in the model but {_shape(theirs)} in the model the "
+            f"recipe rebuilds ({recipe['model']} with model_kwargs="
+            f"{json.dumps(recipe.get('model_kwargs') or {})})"
+        )
+        hint = _likely_kwargs(rebuilt, key, mine, recipe.get("model_kwargs") or {})
+        raise ArtifactError(
+            f"cannot save: the model no longer matches its recipe: {what}; "
+            + (f"pass model_kwargs={hint}" if hint else "rebuild it from a model spec")
+        )
+
+
+def _shape(tensor: torch.Tensor | None) -> str:
+    return "absent" if tensor is None else str(list(tensor.shape))
+
+
+def _likely_kwargs(
+    rebuilt: nn.Module, key: str, mine: torch.Tensor | None, kwargs: Mapping[str, Any]
+) -> str | None:
+    """The factory keywords that likely rebuild a model whose ``key`` differs: the class
+    count, when ``key`` belongs to the rebuilt model's last Linear (its classifier)."""
+    linears = [name for name, m in rebuilt.named_modules() if isinstance(m, nn.Linear)]
+    if not linears or not key.startswith(linears[-1] + "."):
+        return None
+    classes = 0 if mine is None else int(mine.shape[0])
+    return json.dumps({**kwargs, "num_classes": classes})
+
+
 def check_suffix(path: str | Path) -> None:
     """Refuse an output suffix :func:`save` does not write (:class:`OutputError`)."""
     suffix = Path(path).suffix
@@ -140,7 +245,7 @@ def check_suffix(path: str | Path) -> None:
         )
 
 
-def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The recipe and weights stored in a file written by :func:`save`.
 
     Reading is data only: the recipe's types are checked, nothing it names is imported.
@@ -180,8 +285,14 @@ def is_artifact(path: str | Path) -> bool:
         return False
 
 
-def peek_recipe(path: str | Path) -> dict[str, Any]:
-    """The checked recipe of a file written by :func:`save`; for safetensors, its header only."""
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe of a file written by :func:`save`, checked, without building anything.
+
+    Keys: ``model`` (the spec), ``model_kwargs``, ``input_size`` ([C, H, W]), ``plan``
+    (``[{"at": stage, "groups": g, "mode": "after"|"replace"}, ...]``), ``format``,
+    ``versions``, plus any ``extra`` given to :func:`save` (``training`` after fine-tuning).
+    For safetensors only the header is read. Example: see :func:`save`.
+    """
     target = Path(path)
     _check_file(target)
     text = _safetensors_recipe(target)
@@ -190,33 +301,34 @@ def peek_recipe(path: str | Path) -> dict[str, Any]:
     return _parse_recipe(text, target)
 
 
-def load(path: str | Path, *, trust_recipe: bool = False) -> Retrofit:
-    """Rebuild a retrofitted model saved by :func:`save` and load its weights strictly.
+def load(path: str | Path, *, trust_recipe: bool = False) -> nn.Module:
+    """The retrofitted model saved in ``path``: the class its spec builds, weights loaded,
+    in eval mode. :func:`read_recipe` tells how it was made; :func:`load_retrofit` gives
+    the whole :class:`Retrofit` (plan, stages, cost report).
 
-    The model comes back in eval mode. A file is data: its recipe may only name
-    ``torchvision:NAME`` or ``timm:NAME`` with keyword arguments that reach neither the
-    network nor other files; anything else (a ``package.module:callable``, ``pretrained``,
-    ``checkpoint_path``, ...) raises :class:`UntrustedRecipeError` before anything is
-    imported, unless ``trust_recipe=True`` (only for files you trust: it runs code).
+    A file is data: its recipe may only name ``torchvision:NAME`` or ``timm:NAME`` with
+    keyword arguments that reach neither the network nor other files; anything else (a
+    ``package.module:callable``, ``pretrained``, ``checkpoint_path``, ...) raises
+    :class:`UntrustedRecipeError` before anything is imported, unless ``trust_recipe=True``
+    (only for files you trust: it runs code). Files written by earlier releases load too.
     Example: see :func:`save`.
+    """
+    return load_retrofit(path, trust_recipe=trust_recipe).model
+
+
+def load_retrofit(path: str | Path, *, trust_recipe: bool = False) -> Retrofit:
+    """Rebuild the :class:`Retrofit` saved in ``path`` and load its weights strictly.
+
+    As :func:`load` (same checks of the recipe), with the plan, stages and cost report.
     """
     from ulsam_inject.io.checkpoints import load_state_dict_into
     from ulsam_inject.io.sources import check_file_spec
 
-    recipe, state = read_recipe(path)
+    recipe, state = read_artifact(path)
     check_file_spec(
         recipe["model"], recipe.get("model_kwargs"), origin=str(path), trust=trust_recipe
     )
-    plan = recipe["plan"]
-    channels, height, width = (int(v) for v in recipe["input_size"])
-    retrofit = inject(
-        recipe["model"],
-        at=[item["at"] for item in plan],
-        groups={item["at"]: item["groups"] for item in plan},
-        mode={item["at"]: item["mode"] for item in plan},
-        input_size=(channels, height, width),
-        model_kwargs=recipe.get("model_kwargs") or {},
-    )
+    retrofit = _rebuild(recipe, report=True)
     try:
         load_state_dict_into(retrofit.model, _moved_block_keys(state, retrofit))
     except CheckpointError as error:
@@ -226,6 +338,21 @@ def load(path: str | Path, *, trust_recipe: bool = False) -> Retrofit:
         ) from None
     retrofit.model.eval()
     return retrofit
+
+
+def _rebuild(recipe: Mapping[str, Any], *, report: bool = False) -> Retrofit:
+    """The retrofit ``recipe`` describes, with fresh blocks."""
+    plan = recipe["plan"]
+    channels, height, width = (int(v) for v in recipe["input_size"])
+    return inject(
+        recipe["model"],
+        at=[item["at"] for item in plan],
+        groups={item["at"]: item["groups"] for item in plan},
+        mode={item["at"]: item["mode"] for item in plan},
+        input_size=(channels, height, width),
+        model_kwargs=recipe.get("model_kwargs") or {},
+        report=report,
+    )
 
 
 def _moved_block_keys(

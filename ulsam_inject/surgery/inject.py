@@ -17,7 +17,7 @@ from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE, check_input_size
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
 from ulsam_inject.guards import check_input_limits, check_model
-from ulsam_inject.surgery.local import rewrite_stages, stage_rewritable
+from ulsam_inject.surgery.local import rewrite_stages
 from ulsam_inject.surgery.plan import DEFAULT_GROUPS, DEFAULT_MODE, Mode, Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import PositionSpec
 from ulsam_inject.surgery.report import Report, build_report
@@ -147,9 +147,7 @@ def inject(
         if p.mode == "replace"
     }
     make_block = _block_maker(working, seed, init)
-    local_plan = None
-    if all(stage_rewritable(traced, p) for p in plan.placements):
-        local_plan = rewrite_stages(working, plan, make_block)
+    local_plan = rewrite_stages(working, plan, make_block, traced)
     retrofitted: nn.Module
     if local_plan is not None:
         plan, retrofitted = local_plan, working
@@ -208,6 +206,8 @@ def _block_maker(
             block = ULSAM(placement.channels, placement.groups, init=init)
         if reference is not None:
             block = block.to(device=reference.device, dtype=reference.dtype)
+        block.placed_at = placement.stage.name
+        block.replaces_stage = placement.mode == "replace"
         try:  # the mode of the module it joins (a flat stage is no module: the model's)
             training = model.get_submodule(placement.stage.name).training
         except AttributeError:

@@ -15,15 +15,23 @@ every hook survive:
 - ``replace``: the block is set in the stage module's place (keys ``<stage>.*``).
 
 A stage that is not one module whose call is the whole stage (a depthwise/pointwise pair
-laid flat in a ``Sequential``), or whose module cannot be traced alone the same way in
-train and eval mode, cannot be changed on its own: then the caller rewrites the whole
-model's graph (:mod:`ulsam_inject.surgery.rewrite`), the last resort.
+laid flat in a ``Sequential``) is changed in its *parent*, the smallest module that encloses
+it (``"rewrite": "parent:NAME"``): the parent is traced alone, its children as leaves, the
+block goes in after the call of the stage's last child (``replace``: in place of the
+stage's children, which are removed) as the child ``ulsam_<stage>`` (a flat stage
+``layers.3-7`` gives keys ``layers.ulsam_3_7.*``), and that GraphModule takes the parent's
+place, carrying its children, tensors, attributes and hooks; its other children keep their
+names. Where neither works (the only enclosing module is the root, or a module cannot be
+traced alone the same way in train and eval mode), the caller rewrites the whole model's
+graph (:mod:`ulsam_inject.surgery.rewrite`), the last resort.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import re
 from collections.abc import Callable
 
 from torch import fx, nn
@@ -86,50 +94,201 @@ def stage_rewritable(traced: Traced, placement: Placement) -> bool:
     return read_outside == {stage.output_node}
 
 
+def where_to_rewrite(traced: Traced, placement: Placement) -> str | None:
+    """``"stage"``, ``"parent:NAME"`` or None (only the whole model's graph can hold it)."""
+    if stage_rewritable(traced, placement):
+        return "stage"
+    parent = _enclosing_parent(traced, placement)
+    return None if parent is None else f"parent:{parent}"
+
+
 def rewrite_stages(
-    model: nn.Module, plan: Plan, make_block: Callable[[Placement], ULSAM]
+    model: nn.Module,
+    plan: Plan,
+    make_block: Callable[[Placement], ULSAM],
+    traced: Traced,
 ) -> Plan | None:
     """Apply ``plan`` to ``model`` (a copy the caller owns) stage by stage, in place.
 
-    Returns the plan with each placement's final ``module_name`` and ``rewrite="stage"``,
-    or None (``model`` untouched) when some stage cannot be changed on its own.
+    Returns the plan with each placement's final ``module_name`` and ``rewrite``
+    (``"stage"`` or ``"parent:NAME"``), or None (``model`` untouched) when some stage can
+    be changed in neither its own module nor its parent.
     """
+    where = {p.stage.name: where_to_rewrite(traced, p) for p in plan.placements}
+    if None in where.values():
+        return None
+    parents: dict[str, list[Placement]] = {}
+    for placement in plan.placements:
+        kind = where[placement.stage.name]
+        if kind is not None and kind.startswith("parent:"):
+            parents.setdefault(kind.partition(":")[2], []).append(placement)
+    stage_names = [name for name, kind in where.items() if kind == "stage"]
+    if any(_encloses(name, parent) for name in stage_names for parent in parents):
+        return None  # a stage module that holds a parent to rewrite: one graph must do both
     wrapped: dict[str, nn.Module] = {}
     for placement in plan.placements:
-        if placement.mode == "after":
-            module = model.get_submodule(placement.stage.name)
-            existing = getattr(module, BLOCK_CHILD, None)
-            if isinstance(existing, ULSAM):
-                raise PositionError(
-                    f"{placement.stage.name} has a ULSAM block already "
-                    f"({placement.stage.name}.{BLOCK_CHILD}): the model was retrofitted "
-                    f"there before; choose other positions"
-                )
-            if existing is not None:
-                raise TraceError(
-                    f"the stage {placement.stage.name} already has an attribute "
-                    f"{BLOCK_CHILD!r} that is not ulsam_inject's"
-                )
-            if type(module).forward is nn.Sequential.forward:
-                # A Sequential runs its children in order: a new last child is the change,
-                # and the module stays itself (class, indexing, hooks).
-                wrapped[placement.stage.name] = _appended(module, make_block(placement))
-                continue
-            graph = _trace_alone(module)
-            if graph is None:
+        if where[placement.stage.name] != "stage" or placement.mode != "after":
+            continue
+        module = model.get_submodule(placement.stage.name)
+        existing = getattr(module, BLOCK_CHILD, None)
+        if isinstance(existing, ULSAM):
+            raise PositionError(
+                f"{placement.stage.name} has a ULSAM block already "
+                f"({placement.stage.name}.{BLOCK_CHILD}): the model was retrofitted "
+                f"there before; choose other positions"
+            )
+        if existing is not None:
+            raise TraceError(
+                f"the stage {placement.stage.name} already has an attribute "
+                f"{BLOCK_CHILD!r} that is not ulsam_inject's"
+            )
+        if type(module).forward is nn.Sequential.forward:
+            # A Sequential runs its children in order: a new last child is the change,
+            # and the module stays itself (class, indexing, hooks).
+            wrapped[placement.stage.name] = _appended(module, make_block(placement))
+            continue
+        graph = _trace_alone(module)
+        if graph is None:
+            return None
+        new = _as_graph_module(module, graph)
+        _insert_after(new, _output_value(new), BLOCK_CHILD, make_block(placement))
+        wrapped[placement.stage.name] = new
+    new_parents: dict[str, fx.GraphModule] = {}
+    names: dict[str, str] = {}
+    for parent, placements in parents.items():
+        module = model.get_submodule(parent)
+        graph = _trace_alone(module)
+        if graph is None:
+            return None
+        new = _as_graph_module(module, graph)
+        for placement in placements:
+            child = _parent_block_name(parent, placement)
+            if not _put_in_parent(new, parent, placement, child, make_block):
                 return None
-            wrapped[placement.stage.name] = _append_block(module, graph, make_block(placement))
+            names[placement.stage.name] = f"{parent}.{child}"
+        new.recompile()
+        new_parents[parent] = new
+    # Every change could be made: apply them. Parents first, so that a stage inside one
+    # is set in the new parent, which shares the old one's children.
+    for parent, new in new_parents.items():
+        model.set_submodule(parent, new)
     placements = []
     for placement in plan.placements:
-        name = placement.stage.name
-        if placement.mode == "after":
+        name, kind = placement.stage.name, where[placement.stage.name]
+        assert kind is not None
+        if kind != "stage":
+            module_name = names[name]
+        elif placement.mode == "after":
             model.set_submodule(name, wrapped[name])
             module_name = f"{name}.{BLOCK_CHILD}"
         else:
             model.set_submodule(name, make_block(placement))
             module_name = name
-        placements.append(dataclasses.replace(placement, module_name=module_name, rewrite="stage"))
+        placements.append(dataclasses.replace(placement, module_name=module_name, rewrite=kind))
     return Plan(tuple(placements))
+
+
+def _encloses(outer: str, inner: str) -> bool:
+    return outer == inner or inner.startswith(outer + ".")
+
+
+def _inside(node: fx.Node, path: str) -> bool:
+    """Whether ``node`` was made by the code of the module at ``path``."""
+    return any(_encloses(path, scope) for scope in node.meta.get("scope", ())) or (
+        node.op == "call_module" and _encloses(path, str(node.target))
+    )
+
+
+def _enclosing_parent(traced: Traced, placement: Placement) -> str | None:
+    """The smallest module (not the root) that holds the stage as a run of its children,
+    the last of which computes the stage's output; None when there is none.
+
+    For ``replace`` the run must also be exactly the stage: its children's nodes are the
+    stage's nodes, and the first child reads the stage's input.
+    """
+    stage = placement.stage
+    if not stage.modules:
+        return None
+    parents = [path.split(".")[:-1] for path in stage.modules]
+    common: list[str] = []
+    for parts in zip(*parents):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if not common:
+        return None  # only the root encloses it
+    parent = ".".join(common)
+    root = traced.root if traced.root is not None else traced.graph_module
+    modules = dict(root.named_modules())
+    if parent not in modules or isinstance(modules[parent], ULSAM):
+        return None
+    children = list(dict.fromkeys(path[len(parent) + 1 :].split(".")[0] for path in stage.modules))
+    nodes = {node.name: node for node in traced.graph_module.graph.nodes}
+    output = nodes[stage.output_node]
+    last = f"{parent}.{children[-1]}"
+    region = [n for n in traced.graph_module.graph.nodes if _inside(n, last)]
+    leaving = [n for n in region if any(not _inside(u, last) for u in n.users)]
+    if leaving != [output]:
+        return None  # the last child's result is not the stage's output
+    if placement.mode == "replace":
+        paths = [f"{parent}.{child}" for child in children]
+        graph = traced.graph_module.graph
+        made = {n.name for n in graph.nodes if any(_inside(n, p) for p in paths)}
+        if made != set(stage.nodes):
+            return None
+    return parent
+
+
+def _parent_block_name(parent: str, placement: Placement) -> str:
+    """``layers.3-7`` in ``layers`` -> ``ulsam_3_7``: the block's child name in the parent."""
+    relative = placement.stage.name[len(parent) + 1 :]
+    return f"{BLOCK_CHILD}_{re.sub(r'[^0-9A-Za-z_]', '_', relative)}"
+
+
+def _put_in_parent(
+    new: fx.GraphModule,
+    parent: str,
+    placement: Placement,
+    child: str,
+    make_block: Callable[[Placement], ULSAM],
+) -> bool:
+    """Put the placement's block into the parent's graph ``new``; False when its graph
+    does not call the stage's children once each, in a chain."""
+    if hasattr(new, child):
+        raise PositionError(
+            f"{parent} has a child {child!r} already: the model was retrofitted at "
+            f"{placement.stage.name} before; choose other positions"
+        )
+    children = list(
+        dict.fromkeys(p[len(parent) + 1 :].split(".")[0] for p in placement.stage.modules)
+    )
+    calls = {str(n.target): n for n in new.graph.nodes if n.op == "call_module"}
+    counts: dict[str, int] = {}
+    for node in new.graph.nodes:
+        if node.op == "call_module":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    if any(counts.get(c) != 1 for c in children):
+        return False
+    block = make_block(placement)
+    if placement.mode == "after":
+        _insert_after(new, calls[children[-1]], child, block)
+        return True
+    chain = [calls[c] for c in children]
+    for before, after in itertools.pairwise(chain):
+        if after.all_input_nodes != [before] or len(before.users) != 1:
+            return False
+    if len(chain[0].all_input_nodes) != 1:
+        return False
+    (source,) = chain[0].all_input_nodes
+    new.add_module(child, block)
+    with new.graph.inserting_after(chain[-1]):
+        attended = new.graph.call_module(child, (source,))
+    chain[-1].replace_all_uses_with(attended)
+    for node in reversed(chain):
+        new.graph.erase_node(node)
+    for name in children:  # the replaced stage goes, as it does from a stage's own module
+        new.delete_submodule(name)
+    return True
 
 
 def _appended(sequential: nn.Module, block: ULSAM) -> nn.Module:
@@ -170,8 +329,9 @@ def _trace_alone(module: nn.Module) -> fx.Graph | None:
     return evaluate
 
 
-def _append_block(module: nn.Module, graph: fx.Graph, block: ULSAM) -> fx.GraphModule:
-    """``module`` as a GraphModule of ``graph`` that ends in ``block`` (child ``ulsam``)."""
+def _as_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``module`` as a GraphModule of ``graph`` that stands in for it: its children,
+    tensors, hooks and plain attributes carried over, under their own names."""
     new = fx.GraphModule(module, graph, class_name=type(module).__name__)
     # Everything the module owned, used by its forward or not, keeps its name and place.
     for name, child in module.named_children():
@@ -181,14 +341,6 @@ def _append_block(module: nn.Module, graph: fx.Graph, block: ULSAM) -> fx.GraphM
     for name, buffer in module._buffers.items():
         new._buffers[name] = buffer
     new._non_persistent_buffers_set |= set(module._non_persistent_buffers_set)
-    new.add_module(BLOCK_CHILD, block)
-    output = next(node for node in new.graph.nodes if node.op == "output")
-    value = output.args[0]
-    assert isinstance(value, fx.Node)
-    with new.graph.inserting_before(output):
-        attended = new.graph.call_module(BLOCK_CHILD, (value,))
-    output.args = (attended,)
-    new.recompile()
     for key in _HOOK_DICTS:
         if key in vars(module):
             setattr(new, key, getattr(module, key))
@@ -197,3 +349,19 @@ def _append_block(module: nn.Module, graph: fx.Graph, block: ULSAM) -> fx.GraphM
             setattr(new, key, attribute)  # plain attributes (out_channels, use_res_connect...)
     new.training = module.training  # its own flag only: children keep theirs
     return new
+
+
+def _output_value(new: fx.GraphModule) -> fx.Node:
+    output = next(node for node in new.graph.nodes if node.op == "output")
+    value = output.args[0]
+    assert isinstance(value, fx.Node)
+    return value
+
+
+def _insert_after(new: fx.GraphModule, value: fx.Node, child: str, block: ULSAM) -> None:
+    """Add ``block`` as ``child`` of ``new`` and send every reader of ``value`` through it."""
+    new.add_module(child, block)
+    with new.graph.inserting_after(value):
+        attended = new.graph.call_module(child, (value,))
+    value.replace_all_uses_with(attended, delete_user_cb=lambda user: user is not attended)
+    new.recompile()
