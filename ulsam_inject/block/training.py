@@ -130,10 +130,13 @@ class TrainingPass(torch.autograd.Function):
                 out=pooled[start:stop], indices=indices[start:stop],
             )  # fmt: skip
             pooled[start:stop].relu_()
-        # Grouped 1x1 conv as g matrix-vector products over strided views of the
-        # channels_last data: (g, B*H*W, C/g) @ (g, C/g, 1), no copy.
-        logits = torch.bmm(_group_rows(pooled, g), pw_weight.view(g, c // g, 1))
-        logits = logits.view(g, b, h, w).transpose(0, 1).contiguous()
+        # Grouped 1x1 conv as dot products along the rows of the channels_last data viewed
+        # as (B*H*W, g, C/g), no copy: ~5x faster here than the same as matrix-vector
+        # products (bmm), which the skinny shape makes slow.
+        logits = torch.linalg.vecdot(
+            pooled.permute(0, 2, 3, 1).reshape(b * h * w, g, c // g), pw_weight.view(1, g, c // g)
+        )
+        logits = logits.view(b, h, w, g).permute(0, 3, 1, 2).contiguous()
         attention = _attention(logits, pw_bias, pw_bn_weight, pw_bn_bias, pw_norm, update=True)
         x5 = x.unflatten(1, (g, c // g))
         out = torch.addcmul(x5, x5, attention).flatten(1, 2)
