@@ -1,7 +1,12 @@
-"""Latency of MobileNetV2 with ULSAM: the original, ours, and the per-subspace reference.
+"""Latency of compact CNNs with ULSAM: the original, ours, and the per-subspace reference.
 
-ULSAM goes after ``features.13`` (96 x 14 x 14) and ``features.16`` (160 x 7 x 7), g = 4,
-the paper's kind of placement (+0.02% MACs). For each device and batch size,
+Two blocks per model, g = 4, the paper's kind of placement (one on a 14 x 14 map, one on a
+7 x 7 map; about +0.02% MACs): torchvision ``mobilenet_v2`` after ``features.13``
+(96 x 14 x 14) and ``features.16`` (160 x 7 x 7); timm ``mobilenetv3_large_100`` after
+``blocks.4`` (112 x 14 x 14) and ``blocks.5`` (160 x 7 x 7); timm ``efficientnet_b0`` after
+``blocks.4`` (112 x 14 x 14) and ``blocks.5`` (192 x 7 x 7). The timm models need the
+``timm`` extra; without it they are skipped with a note. For each model, device and batch
+size,
 :func:`ulsam_inject.measure_latency` times the original and the retrofitted model side by
 side (interleaved, after a warm-up): once with our vectorized :class:`ulsam_inject.ULSAM`,
 and once with :class:`ulsam_inject.block.reference.ReferenceULSAM` (the readable per-subspace
@@ -18,7 +23,8 @@ in eval mode, fp32. CUDA rows are added when CUDA is available (``--device auto`
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_models.py                      # batch 1 and 32, 2 threads
+    PYTHONPATH=. python benchmarks/bench_models.py            # 3 models, batch 1 and 32, 2 threads
+    PYTHONPATH=. python benchmarks/bench_models.py --models efficientnet_b0 --no-reference
     PYTHONPATH=. python benchmarks/bench_models.py --batches 1 --repeats 50 --threads 1
     PYTHONPATH=. python benchmarks/bench_models.py --device cuda --no-reference --json
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -43,7 +50,22 @@ from ulsam_inject.block.reference import ReferenceULSAM
 from ulsam_inject.measure.bench import LatencyReport, Timing
 from ulsam_inject.surgery.rewrite import identity_blocks
 
-POSITIONS = ("features.13", "features.16")
+MODELS = {
+    "mobilenet_v2": ("torchvision", ("features.13", "features.16")),
+    "mobilenetv3_large_100": ("timm", ("blocks.4", "blocks.5")),
+    "efficientnet_b0": ("timm", ("blocks.4", "blocks.5")),
+}
+"""Model name -> (library, ULSAM positions)."""
+
+
+def build(name: str) -> nn.Module:
+    """The model with random weights (nothing is downloaded), in eval mode."""
+    library, _ = MODELS[name]
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False).eval()
+    return torchvision.models.get_model(name, weights=None).eval()
 
 
 @dataclass(frozen=True)
@@ -87,13 +109,16 @@ def with_reference_blocks(model: nn.Module) -> nn.Module:
 def check_same_outputs(ours: nn.Module, reference: nn.Module, size: int) -> float:
     """Largest difference of the two models' features (eval mode), relative to their scale.
 
-    The features before the classifier (``model.features``: the retrofit is still a
-    MobileNetV2): with random weights the logits are tiny, which would make any absolute
-    tolerance meaningless.
+    The features before the classifier (``model.features`` or timm's ``forward_features``:
+    the retrofit keeps the model's class): with random weights the logits are tiny, which
+    would make any absolute tolerance meaningless.
     """
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        a, b = (m.eval().features(example) for m in (ours, reference))
+        a, b = (
+            m.forward_features(example) if hasattr(m, "forward_features") else m.features(example)
+            for m in (ours.eval(), reference.eval())
+        )
     return float((a - b).abs().max() / a.abs().max())
 
 
@@ -105,9 +130,10 @@ def devices(choice: str) -> list[str]:
     return [choice]
 
 
-def render(rows: list[Row], size: int, groups: int) -> Table:
+def render(rows: list[Row], name: str, size: int, groups: int) -> Table:
+    positions = " and ".join(MODELS[name][1])
     table = Table(
-        title=(f"mobilenet_v2 {size}x{size}, ULSAM g={groups} after {' and '.join(POSITIONS)}"),
+        title=f"{name} {size}x{size}, ULSAM g={groups} after {positions}",
         title_justify="left",
         caption=(
             "ms per forward pass (eval, fp32); ratio: median over the original's median, "
@@ -139,6 +165,9 @@ def render(rows: list[Row], size: int, groups: int) -> Table:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--batches", default="1,32", help="comma-separated (default 1,32)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per model")
@@ -155,9 +184,40 @@ def main(argv: list[str] | None = None) -> None:
     size = (3, args.size, args.size)
     err = Console(stderr=True)
 
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    results: dict[str, list[Row]] = {}
+    for name in names:
+        if MODELS[name][0] == "timm" and importlib.util.find_spec("timm") is None:
+            err.print(f"{name}: skipped, needs timm: pip install 'ulsam-inject[timm]'")
+            continue
+        results[name] = bench_model(name, args, batches, size, err)
+    if args.json:
+        json.dump(
+            [{"model_name": n, **row.to_dict()} for n, rows in results.items() for row in rows],
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return
+    for name, rows in results.items():
+        Console(width=140).print(render(rows, name, args.size, args.groups))
+
+
+def bench_model(
+    name: str,
+    args: argparse.Namespace,
+    batches: list[int],
+    size: tuple[int, int, int],
+    err: Console,
+) -> list[Row]:
+    """The rows of one model: the original, then each retrofit with its ratio."""
     torch.manual_seed(0)
-    original = torchvision.models.mobilenet_v2(weights=None).eval()
-    ours = inject(original, at=list(POSITIONS), groups=args.groups, input_size=size).model.eval()
+    original = build(name)
+    positions = list(MODELS[name][1])
+    ours = inject(original, at=positions, groups=args.groups, input_size=size).model.eval()
     # The same model with each block an identity: what the surgery itself costs (the changed
     # stages run as small torch.fx graph modules), not ULSAM's work.
     plain = identity_blocks(copy.deepcopy(ours)).eval()
@@ -165,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_reference:
         reference = with_reference_blocks(ours).eval()
         difference = check_same_outputs(ours, reference, args.size)
-        err.print(f"ours vs reference ULSAM: max relative difference of features {difference:.1e}")
+        err.print(f"{name}: ours vs reference ULSAM, max relative difference {difference:.1e}")
         if difference > 1e-3:
             raise SystemExit("the reference blocks do not compute what ours do")
 
@@ -176,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             if reference is not None:
                 contenders.append(("reference ULSAM", reference))
             for i, (label, model) in enumerate(contenders):
-                err.print(f"{device}, batch {batch}: original vs {label} ...")
+                err.print(f"{name}, {device}, batch {batch}: original vs {label} ...")
                 report: LatencyReport = measure_latency(
                     original,
                     model,
@@ -190,11 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                 if i == 0:
                     rows.append(Row(device, batch, report.threads, "original", report.before, None))
                 rows.append(Row(device, batch, report.threads, label, report.after, report.ratio))
-    if args.json:
-        json.dump([row.to_dict() for row in rows], sys.stdout, indent=2)
-        print()
-        return
-    Console(width=140).print(render(rows, args.size, args.groups))
+    return rows
 
 
 if __name__ == "__main__":

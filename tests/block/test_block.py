@@ -7,6 +7,7 @@ import copy
 import io
 import pickle
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_inference_path_equals_plain(
     block = random_block(groups * width, groups, seed).double().eval()
     x = torch.randn(batch, groups * width, h, w, dtype=torch.float64)
     with torch.no_grad():
-        assert close(block(x), plain(block, x), 1e-12)
+        assert close(streaming(block, x), plain(block, x), 1e-12)
 
 
 def test_inference_path_in_chunks_equals_plain(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,18 +159,29 @@ def test_inference_path_in_chunks_equals_plain(monkeypatch: pytest.MonkeyPatch) 
     block = random_block(16, 4, 1).double().eval()
     x = torch.randn(7, 16, 5, 4, dtype=torch.float64)
     with torch.no_grad():
-        assert close(block(x), plain(block, x), 1e-12)
+        assert close(streaming(block, x), plain(block, x), 1e-12)
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert close(streaming(block, x), plain(block, x), 1e-12)
+
+
+def streaming(block: ULSAM, x: torch.Tensor) -> torch.Tensor:
+    """The CPU streaming path on ``x`` whatever its dtype (dispatch takes it for float32
+    only; float64 here lets the comparison with the plain computation be tight)."""
+    return inference_module.inference_forward(
+        x, inference_module.folded(block, inference_module.fold_sources(block))
+    )
 
 
 def check_autograd_path(
     block: ULSAM, x: torch.Tensor, *, tol: float = 1e-11, input_grad: bool = True
 ) -> None:
-    """Output, input and parameter gradients and buffers of forward vs forward_plain."""
+    """Output, input and parameter gradients and buffers of the CPU training path (called
+    directly: dispatch takes it for float32 only) vs forward_plain."""
     block.zero_grad()
     twin = copy.deepcopy(block)
     a = x.clone().requires_grad_(input_grad)
     b = x.clone().requires_grad_(input_grad)
-    out_fast = block(a)
+    out_fast = block._forward_autograd(a)
     out_plain = plain(twin, b)
     assert close(out_fast, out_plain, tol)
     grad = torch.randn_like(out_plain)
@@ -184,6 +196,33 @@ def check_autograd_path(
             assert close(p.grad, q.grad, tol), name
     for (name, u), v in zip(block.state_dict().items(), twin.state_dict().values()):
         assert close(u, v, tol), name
+
+
+def test_inference_workspaces_are_per_shape_and_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workspaces kept between calls: shapes that alternate (more of them than are kept),
+    and threads running blocks at once, each get right results."""
+    monkeypatch.setattr(inference_module, "WORKSPACES", 2)
+    blocks = [random_block(c, 4, c).double().eval() for c in (8, 12, 16)]
+    inputs = [torch.randn(b, blk.channels, h, w, dtype=torch.float64)
+              for blk, (b, h, w) in zip(blocks, [(2, 5, 4), (1, 3, 7), (3, 6, 6)])]  # fmt: skip
+    expected = [plain(blk, x) for blk, x in zip(blocks, inputs)]
+    with torch.no_grad():
+        for _ in range(2):
+            for blk, x, want in zip(blocks, inputs, expected):
+                assert close(streaming(blk, x), want, 1e-12)
+
+    # Threads on one block and one shape, each with its own input: one workspace shared
+    # between them would mix their planes.
+    block = blocks[2]
+    own = [torch.randn(2, 16, 24, 24, dtype=torch.float64) for _ in range(3)]
+    wanted = [plain(block, x) for x in own]
+
+    def run(i: int) -> bool:
+        with torch.no_grad():
+            return all(close(streaming(block, own[i]), wanted[i], 1e-12) for _ in range(30))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(run, [0, 1, 2]))
 
 
 @settings(max_examples=30, deadline=None)

@@ -10,17 +10,24 @@ so that the input is read from memory once and the output written once.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ulsam_inject.block.maxpool import max3x3_into
+from ulsam_inject.block.maxpool import PaddedMax3x3, interior, padded_planes
 
 CHUNK_ELEMENTS = 1 << 19
 """Elements per chunk (2 MiB of float32): measured fastest from 1 x 96 x 14 x 14 to
 32 x 512 x 14 x 14 on a 2-core CPU with 2 MiB of L2 per core (benchmarks/bench_block.py)."""
+
+
+WORKSPACES = 8
+"""Workspaces kept per thread: one per input shape, for a model's blocks at a few shapes."""
+
+_WORKSPACES = threading.local()
 
 
 class Folded(NamedTuple):
@@ -144,34 +151,86 @@ def _or_zeros(bias: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Te
     return bias if bias is not None else like.new_zeros(n)
 
 
+class _Workspace:
+    """Buffers and views for chunks of ``n`` samples of (C, H, W) with g groups.
+
+    The pooling buffers are in the padded layout of :func:`padded_planes`, with pads 0
+    rather than -inf: the pooled values come after a ReLU. Only their interiors are ever
+    written, and the pool leaves ``rows[0]`` and ``pooled``'s last pad row alone, so those
+    stay 0. The views are made once: at batch 1, making them costs as much as some of the
+    ops that use them.
+    """
+
+    __slots__ = ("interior", "logits", "planes", "pool")
+
+    def __init__(self, n: int, c: int, h: int, w: int, g: int, like: torch.Tensor) -> None:
+        source, rows, pooled = (padded_planes(n * c, h, w, like, 0.0) for _ in range(3))
+        self.interior = interior(source, n * c, h, w).unflatten(0, (n, c))
+        self.pool = PaddedMax3x3(source, rows, pooled, w)
+        plane = (h + 1) * (w + 1)  # a plane with its pads, as the matmul reads it
+        self.planes = pooled[w + 1 :].view(n, g, c // g, plane)
+        self.logits = like.new_empty(n, g, 1, plane)
+
+
+def _workspace(n: int, x: torch.Tensor, g: int) -> _Workspace:
+    """The :class:`_Workspace` for chunks of ``n`` samples of ``x``'s shape.
+
+    Kept per thread (so that concurrent calls never share one) for the next calls of the
+    same shape: fresh buffers of a few MiB cost more to allocate and fault in than the
+    block's work on them.
+    """
+    key = (n, *x.shape[1:], g, x.dtype, x.device)
+    cache: dict[tuple[Any, ...], _Workspace] = _WORKSPACES.__dict__.setdefault("cache", {})
+    space = cache.get(key)
+    if space is None:
+        if len(cache) >= WORKSPACES:
+            del cache[next(iter(cache))]
+        _, c, h, w = x.shape
+        space = cache[key] = _Workspace(n, c, h, w, g, x)
+    return space
+
+
 def inference_forward(x: torch.Tensor, parameters: Folded) -> torch.Tensor:
     """The block on ``x`` (B, C, H, W) with folded parameters; the output keeps x's layout."""
     b, c, h, w = x.shape
     g = parameters.pw_weight.shape[0]
     n = max(1, min(b, CHUNK_ELEMENTS // (c * h * w)))
-    rows = x.new_empty(n * c, h, w)  # pooling scratch, shared by all chunks
-    logits = x.new_empty(n, g, 1, h * w)
+    space = _workspace(n, x, g)
     out = torch.empty_like(x)
-    x5, out5 = x.unflatten(1, (g, c // g)), out.unflatten(1, (g, c // g))
-    for start in range(0, b, n):
-        m = min(n, b - start)
-        stop = start + m
-        # conv + BN folded into one per-channel affine map, run by the eval BatchNorm
-        # kernel (mean 0, variance 1, eps 0: exactly x * scale + shift), which is several
-        # times faster than addcmul with broadcast operands.
-        dw = torch.batch_norm(
-            x[start:stop].contiguous(), parameters.scale, parameters.shift,
-            parameters.zeros, parameters.ones, False, 0.0, 0.0, False,
-        ).relu_()  # fmt: skip
-        dw = dw.view(m * c, h, w)
-        pooled = max3x3_into(dw, rows[: m * c], dw)
-        # The grouped pointwise conv as batched matrix-vector products, far faster than a
-        # grouped conv at small batch.
-        part = logits[:m]
-        torch.matmul(parameters.pw_weight, pooled.view(m, g, c // g, h * w), out=part)
-        attention = torch.softmax(part.add_(parameters.pw_bias.view(1, g, 1, 1)).relu_(), -1)
-        # While this chunk of x is still in cache: x + A * x.
-        torch.addcmul(
-            x5[start:stop], x5[start:stop], attention.view(m, g, 1, h, w), out=out5[start:stop]
-        )
+    if n == b:  # one chunk: no slicing
+        _forward_chunk(x, out, parameters, space)
+    else:
+        for start in range(0, b, n):
+            stop = min(b, start + n)
+            _forward_chunk(x[start:stop], out[start:stop], parameters, space)
     return out
+
+
+def _forward_chunk(
+    x: torch.Tensor, out: torch.Tensor, parameters: Folded, space: _Workspace
+) -> None:
+    """The block on a chunk of samples ``x``, into ``out``, in ``space``. A last chunk
+    smaller than the workspace pools stale planes too (their logits are not used)."""
+    m, _, h, w = x.shape
+    g, _, width = parameters.pw_weight.shape
+    # conv + BN folded into one per-channel affine map, run by the eval BatchNorm kernel
+    # (mean 0, variance 1, eps 0: exactly x * scale + shift), several times faster than
+    # addcmul with broadcast operands; then ReLU, written into the padded layout.
+    dw = torch.batch_norm(
+        x, parameters.scale, parameters.shift, parameters.zeros, parameters.ones,
+        False, 0.0, 0.0, False,
+    )  # fmt: skip
+    interior_, planes, logits = space.interior, space.planes, space.logits
+    if m < interior_.shape[0]:
+        interior_, planes, logits = interior_[:m], planes[:m], logits[:m]
+    torch.clamp_min(dw, 0.0, out=interior_)
+    space.pool()
+    # The grouped pointwise conv as batched matrix-vector products over the pooled planes
+    # with their pads (far faster than a grouped conv at small batch); the logits at the
+    # pads are dropped.
+    torch.matmul(parameters.pw_weight, planes, out=logits)
+    part = logits.view(m, g, h + 1, w + 1)[:, :, :h, :w] + parameters.pw_bias
+    attention = torch.softmax(part.relu_().view(m, g, h * w), -1)
+    # While this chunk of x is still in cache: x + A * x.
+    x5 = x.unflatten(1, (g, width))
+    torch.addcmul(x5, x5, attention.view(m, g, 1, h, w), out=out.unflatten(1, (g, width)))

@@ -2,8 +2,9 @@
 
 PyTorch's CPU pooling kernel is about 10x slower on contiguous NCHW tensors than on
 channels_last ones, and ULSAM pools every channel of its activation. Without autograd the
-pool is computed as separable maxima of shifted slices (same values); with autograd the
-native kernel runs on a channels_last copy, whose backward is fast too.
+pool is computed as separable maxima of shifted slices (same values) over planes stored
+with padding (:func:`padded_planes`); with autograd the native kernel runs on a
+channels_last copy, whose backward is fast too.
 """
 
 from __future__ import annotations
@@ -14,54 +15,62 @@ import torch.nn.functional as F
 from ulsam_inject.errors import BlockConfigError
 
 
-def max3x3_into(f: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Maxima over each 3x3 window (clipped at the border) of contiguous planes ``f``.
+def padded_planes(n: int, h: int, w: int, like: torch.Tensor, fill: float) -> torch.Tensor:
+    """A flat buffer for ``n`` planes of H x W in the layout :class:`PaddedMax3x3` reads.
 
-    ``f``, ``rows`` and ``out`` are contiguous (N, H, W) tensors; ``rows`` is scratch and
-    ``out`` may be ``f`` itself (then ``f`` is overwritten). The max along W, then along H,
-    of shifted slices. Each slice is a 1-D slice of the flat data, so every ``maximum`` is
-    one long vectorized loop (slices of the 3-D tensor would give loops of only W
-    elements); the windows that wrapped into the next row or plane, along the four edges,
-    are then recomputed, both opposite edges in one op. Returns the tensor holding the
-    result: ``out``, or ``rows`` or ``f`` where a dimension is 1.
+    One pad row in front, then each plane as H rows of W values plus one pad column,
+    followed by one pad row: every neighbour of a value along the flat data that lies
+    outside its plane is a pad. All entries start as ``fill``: ``-inf``, or 0 when the
+    planes hold no negative values (a max over a window clipped at the border is the same).
     """
-    n, h, w = f.shape
-    src = f
-    if w > 1:
-        flat, dst = f.view(-1), rows.view(-1)
-        torch.maximum(flat[:-2], flat[1:-1], out=dst[1:-1])
-        torch.maximum(dst[1:-1], flat[2:], out=dst[1:-1])
-        # Columns 0 and W-1 are max(f[0], f[1]) and max(f[W-2], f[W-1]).
-        size, at = (n * h, 2), f.storage_offset()
-        torch.maximum(
-            f.as_strided(size, (w, w - 2), at),
-            f.as_strided(size, (w, w - 2), at + 1),
-            out=rows.as_strided(size, (w, w - 1), rows.storage_offset()),
+    return torch.full((w + 1 + n * (h + 1) * (w + 1),), fill, dtype=like.dtype, device=like.device)
+
+
+def interior(flat: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """The (n, H, W) values of a :func:`padded_planes` buffer, as a strided view."""
+    return flat.as_strided((n, h, w), ((h + 1) * (w + 1), w + 1, 1), flat.storage_offset() + w + 1)
+
+
+class PaddedMax3x3:
+    """Maxima over each 3x3 window (clipped at the border) of the planes in a padded buffer.
+
+    ``src``, ``rows`` and ``out`` are flat :func:`padded_planes` buffers of one size for
+    planes of width ``w``; ``src``'s pads hold its fill, ``rows`` is scratch whose first
+    entry holds it too. Calling the object writes the result into ``out``'s interior (its
+    pads and its last pad row get values of no use): the max along W, then along H, each as
+    two ``maximum`` ops over shifted 1-D slices of the flat data, one long vectorized loop
+    each; the pads make the windows that run off a plane come out right without fixing up
+    its edges. The slices are made once, here: at batch 1 making them would cost a third
+    of the pool.
+    """
+
+    __slots__ = ("_steps",)
+
+    def __init__(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, w: int) -> None:
+        k = w + 1
+        self._steps = (
+            (src[:-2], src[1:-1], rows[1:-1]),
+            (rows[1:-1], src[2:], rows[1:-1]),
+            (rows[: -2 * k], rows[k:-k], out[k:-k]),
+            (out[k:-k], rows[2 * k :], out[k:-k]),
         )
-        src = rows
-    if h == 1:
-        return src
-    if out.data_ptr() == src.data_ptr():  # W = 1 and out is f: write into the scratch
-        out = rows
-    flat, dst = src.view(-1), out.view(-1)
-    torch.maximum(flat[: -2 * w], flat[w:-w], out=dst[w:-w])
-    torch.maximum(dst[w:-w], flat[2 * w :], out=dst[w:-w])
-    # Rows 0 and H-1 likewise, one op each: runs of W contiguous elements (one op over
-    # both rows, as for the columns, measured up to 2x slower here).
-    torch.maximum(src[:, 0], src[:, 1], out=out[:, 0])
-    torch.maximum(src[:, h - 2], src[:, h - 1], out=out[:, h - 1])
-    return out
+
+    def __call__(self) -> None:
+        for a, b, result in self._steps:
+            torch.maximum(a, b, out=result)
 
 
 def _separable_max_3x3(x: torch.Tensor) -> torch.Tensor:
     """Max over each 3x3 window, clipped at the border (what padding with -inf gives)."""
     h, w = x.shape[-2:]
-    planes = x.reshape(-1, h, w).contiguous()
-    rows, out = torch.empty((2, *planes.shape), dtype=x.dtype, device=x.device).unbind(0)
-    result = max3x3_into(planes, rows, out)
-    if result.data_ptr() == x.data_ptr():  # H = W = 1: the input itself
-        result = result.clone()
-    return result.view(x.shape)
+    planes = x.reshape(-1, h, w)
+    n = planes.shape[0]
+    src = padded_planes(n, h, w, x, float("-inf"))
+    interior(src, n, h, w).copy_(planes)
+    rows, out = torch.empty_like(src), torch.empty_like(src)
+    rows[0] = src[0]
+    PaddedMax3x3(src, rows, out, w)()
+    return interior(out, n, h, w).contiguous().view(x.shape)
 
 
 def max_pool_3x3(x: torch.Tensor) -> torch.Tensor:
