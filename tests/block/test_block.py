@@ -225,6 +225,18 @@ def test_inference_workspaces_are_per_shape_and_per_thread(monkeypatch: pytest.M
         assert all(pool.map(run, [0, 1, 2]))
 
 
+def test_a_workspace_made_under_inference_mode_serves_calls_outside_it() -> None:
+    """Evaluation under ``torch.inference_mode`` then under ``no_grad`` (the order a test
+    suite or a user's notebook takes) reuses the workspace: it must accept writes."""
+    block = random_block(8, 4, 8).double().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    want = plain(block, x)
+    with torch.inference_mode():
+        assert close(streaming(block, x), want, 1e-12)
+    with torch.no_grad():
+        assert close(streaming(block, x), want, 1e-12)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     groups=st.sampled_from([1, 2, 4, 8]),

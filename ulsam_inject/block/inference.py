@@ -186,7 +186,10 @@ def _workspace(n: int, x: torch.Tensor, g: int) -> _Workspace:
         if len(cache) >= WORKSPACES:
             del cache[next(iter(cache))]
         _, c, h, w = x.shape
-        space = cache[key] = _Workspace(n, c, h, w, g, x)
+        # Normal tensors, even when made under inference_mode: a later call outside it
+        # (no_grad only) may not write into inference tensors.
+        with torch.inference_mode(False):
+            space = cache[key] = _Workspace(n, c, h, w, g, x)
     return space
 
 

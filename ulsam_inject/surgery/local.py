@@ -272,6 +272,7 @@ def _put_in_parent(
     block = make_block(placement)
     if placement.mode == "after":
         _insert_after(new, calls[children[-1]], child, block)
+        _move_child_after(new, child, children[-1])
         return True
     chain = [calls[c] for c in children]
     for before, after in itertools.pairwise(chain):
@@ -281,6 +282,7 @@ def _put_in_parent(
         return False
     (source,) = chain[0].all_input_nodes
     new.add_module(child, block)
+    _move_child_after(new, child, children[-1])
     with new.graph.inserting_after(chain[-1]):
         attended = new.graph.call_module(child, (source,))
     chain[-1].replace_all_uses_with(attended)
@@ -289,6 +291,16 @@ def _put_in_parent(
     for name in children:  # the replaced stage goes, as it does from a stage's own module
         new.delete_submodule(name)
     return True
+
+
+def _move_child_after(module: nn.Module, child: str, anchor: str) -> None:
+    """Reorder ``module``'s children so ``child`` follows ``anchor``: printing, ``named_modules``
+    and the state dict then list the block where it runs, not at the end of the parent."""
+    moved = module._modules.pop(child)
+    order = list(module._modules.items())
+    at = next(i for i, (name, _) in enumerate(order) if name == anchor) + 1
+    order.insert(at, (child, moved))
+    module._modules = dict(order)
 
 
 def _appended(sequential: nn.Module, block: ULSAM) -> nn.Module:
