@@ -82,7 +82,7 @@ def explain(
         raise UlsamUsageError(
             f"--checkpoint goes with exactly one model spec among MODELS, got {len(specs)}"
         )
-    subjects = []
+    subjects: list[Subject] = []
     for model in models:
         spec = not looks_like_file(model)
         loaded = load_model(
