@@ -53,6 +53,7 @@ def test_figure_and_json_for_two_images(ws: Path, tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [f"wrote {tmp_path.resolve() / 'fig.png'}"]
     assert (tmp_path / "fig.png").read_bytes()[:8] == PNG_SIGNATURE
     document = result.json()
+    assert document["schema"] == "ulsam-inject.explain/1"
     assert document["images"] == ["red.png", "round.jpg"]
     assert document["method"] == "gradcam++"
     assert len(document["maps"]) == 2

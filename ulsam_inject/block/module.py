@@ -237,7 +237,7 @@ class ULSAM(nn.Module):
         computed with the plain ops, as :meth:`forward_plain` does.
 
         Example:
-            >>> maps = ULSAM(8, groups=2).eval().attention_maps(torch.randn(1, 8, 5, 5))
+            >>> maps = ULSAM(8, groups=2).eval().attention_maps(torch.randn(1, 8, 5, 5)).detach()
             >>> tuple(maps.shape), round(float(maps[0, 1].sum()), 4)
             ((1, 2, 5, 5), 1.0)
         """

@@ -37,6 +37,7 @@ from ulsam_inject.train.data import DataConfig, data_config_for
 
 __all__ = ["Explanation", "ModelMap", "Prediction", "Subject", "explain", "explain_subjects"]
 
+SCHEMA = "ulsam-inject.explain/1"
 ImageLike = str | os.PathLike[str] | Any  # a path, or a PIL image
 
 
@@ -109,17 +110,19 @@ class Explanation:
         return self.maps[image * len(self.models) + model]
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON document of ``ulsam-inject explain --json`` (without the CLI's keys)."""
         return {
+            "schema": SCHEMA,
             "images": self.images,
             "models": self.models,
             "maps": [m.to_dict() for m in self.maps],
         }
 
-    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    def save(self, path: str | os.PathLike[str], *, force: bool = False, dpi: int = 110) -> Path:
         """Write the figure (.png or .svg) atomically; an existing file only with ``force``."""
         from ulsam_inject.explain.figure import save_figure
 
-        return save_figure(self.figure, path, force=force)
+        return save_figure(self.figure, path, force=force, dpi=dpi)
 
 
 def explain(

@@ -96,11 +96,13 @@ def _tile(tiles: np.ndarray, *, fill: float) -> np.ndarray:
     return canvas
 
 
-def save_figure(figure: Any, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+def save_figure(
+    figure: Any, path: str | os.PathLike[str], *, force: bool = False, dpi: int = 110
+) -> Path:
     """Write ``figure`` to ``path`` (.png or .svg) atomically; returns the path."""
     target = check_figure_path(path, force=force)
 
     def write(tmp: Path) -> None:
-        figure.savefig(tmp, format=target.suffix.lower().lstrip("."), dpi=110)
+        figure.savefig(tmp, format=target.suffix.lower().lstrip("."), dpi=dpi)
 
     return atomic_write(target, write, force=force)
