@@ -12,6 +12,7 @@ from ulsam_inject import errors
 from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.errors import UlsamError, UlsamUsageError
+from ulsam_inject.explain import Explanation, explain
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
 from ulsam_inject.io.artifact import export_program, load, load_retrofit, read_recipe, save
@@ -28,6 +29,7 @@ __all__ = [
     "ULSAM",
     "Cost",
     "EvaluateReport",
+    "Explanation",
     "FinetuneResult",
     "LatencyReport",
     "Placement",
@@ -41,6 +43,7 @@ __all__ = [
     "count",
     "errors",
     "evaluate",
+    "explain",
     "export_onnx",
     "export_program",
     "find_stages",

@@ -160,3 +160,11 @@ class ResumeError(UlsamUsageError):
 
 class TrainingError(UlsamError):
     """Training failed on its own terms (e.g. the loss became NaN or infinite)."""
+
+
+class LayerError(UlsamUsageError):
+    """A layer name names no module of the model, or a module without a 4-D feature map."""
+
+
+class ImageError(UlsamUsageError):
+    """An image file is missing or is not an image that can be read."""

@@ -500,3 +500,16 @@ def test_torch_compile_train_step() -> None:
         assert p.grad is not None and q.grad is not None and close(p.grad, q.grad, 1e-10), name
     for (name, u), v in zip(block.state_dict().items(), eager.state_dict().values()):
         assert close(u, v, 1e-12), name
+
+
+def test_attention_maps_are_the_ones_forward_applies() -> None:
+    torch.manual_seed(0)
+    block = ULSAM(12, groups=3).eval()
+    x = torch.randn(2, 12, 5, 6)
+    maps = block.attention_maps(x)
+    assert maps.shape == (2, 3, 5, 6)
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 3))
+    scale = 1 + maps.repeat_interleave(4, dim=1)
+    torch.testing.assert_close(block.forward_plain(x), x * scale)
+    with pytest.raises(BlockConfigError, match="built for 12 channels"):
+        block.attention_maps(torch.randn(1, 8, 5, 5))

@@ -235,6 +235,22 @@ class ULSAM(nn.Module):
         x5 = x.unflatten(1, (self.groups, self.channels // self.groups))
         return torch.addcmul(x5, x5, attention.unsqueeze(2)).flatten(1, 2)
 
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's ``g`` attention maps for ``x``: ``(batch, g, H, W)``, softmaxes over H*W.
+
+        Subspace ``n`` (channels ``n*C/g`` to ``(n+1)*C/g``) is scaled by ``1 + maps[:, n]``;
+        computed with the plain ops, as :meth:`forward_plain` does.
+
+        Example:
+            >>> maps = ULSAM(8, groups=2).eval().attention_maps(torch.randn(1, 8, 5, 5)).detach()
+            >>> tuple(maps.shape), round(float(maps[0, 1].sum()), 4)
+            ((1, 2, 5, 5), 1.0)
+        """
+        self._check_input(x)
+        dw = F.relu(self.dw_bn(self.dw(x)))
+        logits = F.relu(self.pw_bn(self.pw(F.max_pool2d(dw, 3, 1, 1))))
+        return torch.softmax(logits.flatten(2), dim=-1).view_as(logits)
+
     # -- eager, with autograd or batch statistics ------------------------------------------
 
     def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
