@@ -22,6 +22,7 @@ from ulsam_inject.surgery.plan import Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import resolve_positions
 from ulsam_inject.surgery.report import Report
 from ulsam_inject.surgery.seeing import find_stages, trace_model
+from ulsam_inject.sweeps.run import SweepResult, sweep
 from ulsam_inject.train import EvaluateReport, FinetuneResult, evaluate, finetune
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Report",
     "Retrofit",
     "Stage",
+    "SweepResult",
     "Traced",
     "UlsamError",
     "UlsamUsageError",
@@ -51,6 +53,7 @@ __all__ = [
     "measure_latency",
     "resolve_positions",
     "save",
+    "sweep",
     "trace_model",
 ]
 __version__ = "0.1.0"

@@ -160,3 +160,7 @@ class ResumeError(UlsamUsageError):
 
 class TrainingError(UlsamError):
     """Training failed on its own terms (e.g. the loss became NaN or infinite)."""
+
+
+class ResultsFileError(UlsamUsageError):
+    """A sweep's results file is not one, is damaged, or holds another sweep's results."""

@@ -18,7 +18,7 @@ import typer
 
 from ulsam_inject.errors import UlsamError, first_line
 
-from . import bench, count, evaluate, finetune, inject, stages
+from . import bench, count, evaluate, finetune, inject, stages, sweep
 from .common import err_console
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ app.command("count")(count.count)
 app.command("bench")(bench.bench)
 app.command("finetune")(finetune.finetune)
 app.command("evaluate")(evaluate.evaluate)
+app.command("sweep")(sweep.sweep)
 
 
 @app.callback()
