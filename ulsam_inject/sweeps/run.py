@@ -27,6 +27,7 @@ from ulsam_inject.cost.count import count
 from ulsam_inject.errors import GroupsError, ReplaceError, UlsamUsageError, first_line
 from ulsam_inject.graph.shapes import DEFAULT_INPUT_SIZE, check_input_size
 from ulsam_inject.guards import check_input_limits, check_model
+from ulsam_inject.measure.bench import measure_latency
 from ulsam_inject.surgery.inject import inject
 from ulsam_inject.surgery.positions import PositionSpec
 from ulsam_inject.surgery.report import Report
@@ -41,6 +42,8 @@ from ulsam_inject.sweeps.grid import (
 )
 from ulsam_inject.sweeps.results import open_results
 from ulsam_inject.sweeps.row import SweepRow
+from ulsam_inject.train.evaluate import evaluate
+from ulsam_inject.train.finetune import FinetuneSettings, finetune
 
 SCHEMA = "ulsam-inject.sweep/1"
 DEFAULT_SWEEP_GROUPS = (1, 2, 4, 8, 16)
@@ -236,7 +239,7 @@ class _Runner:
         seed: int,
         init: str,
         bench: BenchSettings | None,
-        training: Any,
+        training: FinetuneSettings | None,
         datasets: tuple[Dataset[Any], Dataset[Any], dict[str, Any]] | None,
     ) -> None:
         self.model, self.source, self.input_size = model, source, input_size
@@ -280,8 +283,6 @@ class _Runner:
         )
 
     def _time(self, measured: nn.Module) -> dict[str, Any]:
-        from ulsam_inject.measure.bench import measure_latency
-
         assert self.bench is not None
         report = measure_latency(self.model, measured, self.input_size, **self.bench.to_dict())
         return {
@@ -296,9 +297,6 @@ class _Runner:
         }
 
     def _train(self, measured: nn.Module, config: Configuration) -> dict[str, Any]:
-        from ulsam_inject.train.evaluate import evaluate
-        from ulsam_inject.train.finetune import finetune
-
         assert self.datasets is not None and self.training is not None
         train_set, val_set, _ = self.datasets
         settings = self.training.to_dict()
@@ -326,16 +324,14 @@ class _Runner:
         }
 
 
-def _training_settings(training: Mapping[str, Any] | None) -> Any:
-    from ulsam_inject.train.finetune import FinetuneSettings
-
+def _training_settings(training: Mapping[str, Any] | None) -> FinetuneSettings:
     try:
         return FinetuneSettings(**dict(training or {}))
     except TypeError as error:
         raise UlsamUsageError(f"training settings: {first_line(error)}") from None
 
 
-def _training_key(settings: Any) -> dict[str, Any] | None:
+def _training_key(settings: FinetuneSettings | None) -> dict[str, Any] | None:
     if settings is None:
         return None
     data: dict[str, Any] = settings.to_dict()
