@@ -1,5 +1,7 @@
 """A figure of a sweep: one line per position set (and mode) against g, the original as a
-horizontal reference line. Accuracy when the sweep was trained, else latency when timed,
+horizontal reference line. Accuracy when the sweep was trained, else latency when timed
+(as the ratio to the original timed interleaved with each configuration: absolute times
+drift with the machine's load from one configuration to the next, the ratio much less),
 else MACs. Needs matplotlib (``pip install 'ulsam-inject[plot]'``).
 """
 
@@ -32,7 +34,7 @@ def _value(row: SweepRow, metric: str) -> float | None:
     if metric == "top1":
         return None if row.accuracy is None else 100.0 * float(row.accuracy["top1"])
     if metric == "latency":
-        return None if row.latency is None else float(row.latency["median_ms"])
+        return None if row.latency is None else float(row.latency["ratio"])
     total = row.total("macs")
     return None if total is None else float(total)
 
@@ -66,7 +68,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike[str], *, force: bool
     metric = plotted_metric(result)
     labels = {
         "top1": "validation top-1 (%), best epoch",
-        "latency": "latency, median (ms)",
+        "latency": "latency / original's (medians, timed interleaved)",
         "macs": "MACs",
     }
     figure = Figure(figsize=(7.0, 4.2))
@@ -76,7 +78,8 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike[str], *, force: bool
         points.sort()
         groups.update(g for g, _ in points)
         axis.plot([g for g, _ in points], [v for _, v in points], marker="o", label=name)
-    reference = _value(result.reference, metric)
+    # The original timed against itself has a ratio of 1 but for noise: the line is at 1.
+    reference = 1.0 if metric == "latency" else _value(result.reference, metric)
     if reference is not None:
         axis.axhline(reference, color="0.35", linestyle="--", linewidth=1.2, label="original")
     if groups:
