@@ -128,9 +128,9 @@ def sweep(
     :func:`ulsam_inject.finetune` (``training`` holds its settings, e.g. ``{"epochs": 3}``)
     and scored by its best epoch's validation top-1/top-5. The original is fine-tuned
     with the same budget: a warm-up trains only the new blocks and leaves the original
-    network bitwise unchanged, so the original skips those epochs and then runs the same
-    all-parameters phase (``epochs - warmup_epochs`` epochs at the same rate and cosine
-    decay; evaluated as it is when that is zero).
+    network bitwise unchanged, so the original's counterpart of those epochs is itself as
+    it is (scored as epoch 0), followed by the same all-parameters phase (``epochs -
+    warmup_epochs`` epochs at the same rate and cosine decay); its best is reported.
 
     ``results``: a JSON-lines file; every finished configuration is appended to it, and
     configurations already there (same settings) are not run again (status ``"cached"``).
@@ -297,24 +297,11 @@ class _Runner:
         }
 
     def _train(self, measured: nn.Module, config: Configuration) -> dict[str, Any]:
+        if config.is_original:
+            return self._train_original(measured)
         assert self.datasets is not None and self.training is not None
         train_set, val_set, _ = self.datasets
-        settings = self.training.to_dict()
-        if config.is_original:
-            # The warm-up changes only new blocks: the original skips it (same later phase).
-            epochs = self.training.epochs - self.training.warmup_epochs
-            rate = self.training.main_lr
-            settings.update(epochs=epochs, warmup_epochs=0, lr=rate, finetune_lr=rate)
-            if epochs == 0:
-                score = evaluate(
-                    {"original": measured},
-                    val_set,
-                    batch_size=self.training.batch_size,
-                    workers=self.training.workers,
-                    device=self.training.device,
-                ).models[0]
-                return {"top1": score.top1, "top5": score.top5, "loss": score.loss, "best_epoch": 0}
-        result = finetune(measured, train_set, val_set, **settings)
+        result = finetune(measured, train_set, val_set, **self.training.to_dict())
         best = result.best
         return {
             "top1": best.val_top1,
@@ -322,6 +309,49 @@ class _Runner:
             "loss": best.val_loss,
             "best_epoch": result.best_epoch,
         }
+
+    def _train_original(self, model: nn.Module) -> dict[str, Any]:
+        """The original on a retrofit's budget, epoch for epoch.
+
+        A retrofit's warm-up epochs train only its new blocks: the original network in them
+        is bitwise unchanged. The original's counterpart of those epochs is the original
+        as it is (scored as epoch 0 when there is a warm-up), followed by the same
+        all-parameters phase (``epochs - warmup_epochs`` epochs at the same rate and
+        decay, numbered as the retrofits' are); the best of these is reported, as the
+        retrofits' best epoch is.
+        """
+        assert self.datasets is not None and self.training is not None
+        train_set, val_set, _ = self.datasets
+        config = self.training
+        candidates: list[dict[str, Any]] = []
+        if config.warmup_epochs > 0 or config.epochs == config.warmup_epochs:
+            score = evaluate(
+                {"original": model},
+                val_set,
+                batch_size=config.batch_size,
+                workers=config.workers,
+                device=config.device,
+            ).models[0]
+            candidates.append(
+                {"top1": score.top1, "top5": score.top5, "loss": score.loss, "best_epoch": 0}
+            )
+        epochs = config.epochs - config.warmup_epochs
+        if epochs > 0:
+            rate = config.main_lr
+            settings = config.to_dict()
+            settings.update(epochs=epochs, warmup_epochs=0, lr=rate, finetune_lr=rate)
+            result = finetune(model, train_set, val_set, **settings)
+            best = result.best
+            candidates.append(
+                {
+                    "top1": best.val_top1,
+                    "top5": best.val_top5,
+                    "loss": best.val_loss,
+                    "best_epoch": config.warmup_epochs + result.best_epoch,
+                }
+            )
+        # The earlier wins a tie, as in finetune's choice of the best epoch.
+        return max(candidates, key=lambda c: (c["top1"], -c["best_epoch"]))
 
 
 def _training_settings(training: Mapping[str, Any] | None) -> FinetuneSettings:
