@@ -164,3 +164,28 @@ def test_a_data_sweep_trains_writes_its_results_and_plots_accuracy(
     assert lines[0]["settings"]["training"]["epochs"] == 2
     assert (work / "acc.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(work)) == ["acc.png", results.name]
+
+
+def test_bench_adds_latency_and_keeps_results_by_default(
+    tinynet: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", *TINY, "--at", "features.0", "--groups", "2", "--bench", "--device", "cpu"]
+    code, out, err = run([*args, "--repeats", "2", "--threads", "1", "--json"], capsys)
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["settings"]["bench"] == {
+        "batch": 1,
+        "device": "cpu",
+        "threads": 1,
+        "warmup": 5,
+        "repeats": 2,
+    }
+    for row in (document["reference"], *document["rows"]):
+        assert row["latency"]["median_ms"] > 0 and row["latency"]["device"] == "cpu"
+    assert "[1/2] original: done" in err and "[2/2] features.0 g=2 after: done" in err
+    assert os.listdir(tmp_path) == ["sweep-tinynet_tiny.jsonl"]
+    assert document["results"] == str(tmp_path / "sweep-tinynet_tiny.jsonl")
