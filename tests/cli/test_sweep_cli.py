@@ -123,6 +123,9 @@ def test_a_rerun_reads_finished_rows_from_the_results_file(
         (["--at", "features.0", "--epochs", "3"], "--epochs set(s) the fine-tuning of --data"),
         (["--at", "features.0", "--plot", "f.gif"], "a figure is .png or .svg"),
         (["--at", "features.0", "--csv", "same.csv", "--plot", "same.csv"], "different files"),
+        (["--at", "features.0", "--results", "."], "is a directory"),
+        (["--at", "features.0", "--results", "no/r.jsonl"], "does not exist"),
+        (["--at", "features.0", "--data", "missing"], "missing"),
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(
@@ -189,3 +192,8 @@ def test_bench_adds_latency_and_keeps_results_by_default(
     assert "[1/2] original: done" in err and "[2/2] features.0 g=2 after: done" in err
     assert os.listdir(tmp_path) == ["sweep-tinynet_tiny.jsonl"]
     assert document["results"] == str(tmp_path / "sweep-tinynet_tiny.jsonl")
+
+
+def test_an_unknown_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["sweep", "torchvision:mobilenet_v9", "--at", "13"], capsys)
+    one_line_error(code, out, err, "mobilenet_v9")
