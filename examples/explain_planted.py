@@ -2,7 +2,7 @@
 
 Nothing is downloaded: two small CNNs are trained here, in about half a minute on a CPU,
 to tell noise with a bright square (class "square") from noise alone ("noise"); the second
-has a ULSAM block (g=4) after its third convolution. ``ulsam_inject.explain`` then draws,
+has a ULSAM block (g=4) after its third convolution. ``ulsam_inject.heatmaps`` then draws,
 for three held-out images, each model's Grad-CAM++ map and the ULSAM block's four
 attention maps, and prints each map's peak and concentration.
 

@@ -12,7 +12,7 @@ from ulsam_inject import errors
 from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.errors import UlsamError, UlsamUsageError
-from ulsam_inject.explain import Explanation, explain
+from ulsam_inject.heatmaps import Explanation, explain
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
 from ulsam_inject.io.artifact import export_program, load, load_retrofit, read_recipe, save
@@ -23,6 +23,7 @@ from ulsam_inject.surgery.plan import Placement, Plan, make_plan
 from ulsam_inject.surgery.positions import resolve_positions
 from ulsam_inject.surgery.report import Report
 from ulsam_inject.surgery.seeing import find_stages, trace_model
+from ulsam_inject.sweeps.run import SweepResult, sweep
 from ulsam_inject.train import EvaluateReport, FinetuneResult, evaluate, finetune
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Report",
     "Retrofit",
     "Stage",
+    "SweepResult",
     "Traced",
     "UlsamError",
     "UlsamUsageError",
@@ -56,6 +58,7 @@ __all__ = [
     "read_recipe",
     "resolve_positions",
     "save",
+    "sweep",
     "trace_model",
 ]
 __version__ = "0.1.0"

@@ -168,3 +168,7 @@ class LayerError(UlsamUsageError):
 
 class ImageError(UlsamUsageError):
     """An image file is missing or is not an image that can be read."""
+
+
+class ResultsFileError(UlsamUsageError):
+    """A sweep's results file is not one, is damaged, or holds another sweep's results."""

@@ -18,7 +18,7 @@ import typer
 
 from ulsam_inject.errors import UlsamError, first_line
 
-from . import bench, count, evaluate, explain, finetune, inject, stages
+from . import bench, count, evaluate, explain, finetune, inject, stages, sweep
 from .common import err_console
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.command("bench")(bench.bench)
 app.command("finetune")(finetune.finetune)
 app.command("evaluate")(evaluate.evaluate)
 app.command("explain")(explain.explain)
+app.command("sweep")(sweep.sweep)
 
 
 @app.callback()

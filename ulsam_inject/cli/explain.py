@@ -66,10 +66,10 @@ def explain(
     model_kwargs: str | None = KwargsOption,
 ) -> None:
     """Grad-CAM++ heat maps (or another --method) of each model on each image."""
-    from ulsam_inject.explain import Subject, explain_subjects
-    from ulsam_inject.explain.figure import check_figure_path, save_figure
-    from ulsam_inject.explain.images import read_image
-    from ulsam_inject.explain.maps import check_method
+    from ulsam_inject.heatmaps import Subject, explain_subjects
+    from ulsam_inject.heatmaps.figure import check_figure_path, save_figure
+    from ulsam_inject.heatmaps.images import read_image
+    from ulsam_inject.heatmaps.maps import check_method
     from ulsam_inject.train import data as train_data
 
     check_method(method)

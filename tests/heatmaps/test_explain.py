@@ -19,8 +19,8 @@ from planted_square import (
 from torch import nn
 
 from ulsam_inject.errors import ImageError, LayerError, OutputError, UlsamUsageError
-from ulsam_inject.explain import METHODS, explain
-from ulsam_inject.explain.maps import map_stats
+from ulsam_inject.heatmaps import METHODS, explain
+from ulsam_inject.heatmaps.maps import map_stats
 
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("matplotlib")

@@ -33,7 +33,7 @@ def check_figure_path(path: str | os.PathLike[str], *, force: bool) -> Path:
 
 
 def draw(explanation: Any) -> Any:
-    """The matplotlib Figure of an :class:`~ulsam_inject.explain.explanation.Explanation`."""
+    """The matplotlib Figure of an :class:`~ulsam_inject.heatmaps.explanation.Explanation`."""
     try:
         from matplotlib.figure import Figure
     except ImportError:

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ulsam_inject.errors import UlsamUsageError
-from ulsam_inject.explain import images as image_io
-from ulsam_inject.explain.labels import class_names_for, label
-from ulsam_inject.explain.layers import default_layer, record_maps, resolve_layer
-from ulsam_inject.explain.maps import (
+from ulsam_inject.heatmaps import images as image_io
+from ulsam_inject.heatmaps.labels import class_names_for, label
+from ulsam_inject.heatmaps.layers import default_layer, record_maps, resolve_layer
+from ulsam_inject.heatmaps.maps import (
     DEFAULT_METHOD,
     MapStats,
     attention_inputs,
@@ -120,7 +120,7 @@ class Explanation:
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, dpi: int = 110) -> Path:
         """Write the figure (.png or .svg) atomically; an existing file only with ``force``."""
-        from ulsam_inject.explain.figure import save_figure
+        from ulsam_inject.heatmaps.figure import save_figure
 
         return save_figure(self.figure, path, force=force, dpi=dpi)
 
@@ -216,7 +216,7 @@ def explain_subjects(
         for item, name in zip(loaded, names)
         for subject in subjects
     ]
-    from ulsam_inject.explain.figure import draw
+    from ulsam_inject.heatmaps.figure import draw
 
     result = Explanation(names, [s.name for s in subjects], maps, None)
     result.figure = draw(result)

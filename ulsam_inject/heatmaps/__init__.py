@@ -5,7 +5,7 @@
 (grad-cam and matplotlib), imported only when a map is computed or drawn.
 """
 
-from ulsam_inject.explain.explanation import (
+from ulsam_inject.heatmaps.explanation import (
     Explanation,
     ModelMap,
     Prediction,
@@ -13,7 +13,7 @@ from ulsam_inject.explain.explanation import (
     explain,
     explain_subjects,
 )
-from ulsam_inject.explain.maps import METHODS, MapStats
+from ulsam_inject.heatmaps.maps import METHODS, MapStats
 
 __all__ = [
     "METHODS",

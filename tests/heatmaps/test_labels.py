@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ulsam_inject.explain.labels import class_names_for, label
+from ulsam_inject.heatmaps.labels import class_names_for, label
 
 
 def test_torchvision_names_come_from_the_weights_enum() -> None:
