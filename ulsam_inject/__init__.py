@@ -12,9 +12,9 @@ from ulsam_inject import errors
 from ulsam_inject.block.module import ULSAM
 from ulsam_inject.cost.count import Cost, count
 from ulsam_inject.errors import UlsamError, UlsamUsageError
-from ulsam_inject.heatmaps import Explanation, explain
 from ulsam_inject.graph.stages import Stage
 from ulsam_inject.graph.trace import Traced
+from ulsam_inject.heatmaps import Explanation, explain
 from ulsam_inject.io.artifact import export_program, load, load_retrofit, read_recipe, save
 from ulsam_inject.io.onnx_export import export_onnx
 from ulsam_inject.measure.bench import LatencyReport, measure_latency

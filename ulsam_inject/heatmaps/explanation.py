@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ulsam_inject.errors import UlsamUsageError
+from ulsam_inject.guards import check_model
 from ulsam_inject.heatmaps import images as image_io
 from ulsam_inject.heatmaps.labels import class_names_for, label
 from ulsam_inject.heatmaps.layers import default_layer, record_maps, resolve_layer
@@ -32,7 +33,6 @@ from ulsam_inject.heatmaps.maps import (
     compute_cam,
     map_stats,
 )
-from ulsam_inject.guards import check_model
 from ulsam_inject.train.data import DataConfig, data_config_for
 
 __all__ = ["Explanation", "ModelMap", "Prediction", "Subject", "explain", "explain_subjects"]
