@@ -379,3 +379,14 @@ def test_failing_torch_load_restores_the_model(
     with pytest.raises(CheckpointError, match="RuntimeError: custom loader refused"):
         load_state_dict_into(net, state)
     assert_same(dict(net.state_dict()), before)
+
+
+def test_a_state_dict_without_version_metadata_loads_into_mnasnet(tv_model) -> None:
+    """MNASNet refuses a state dict with no module versions (as a safetensors file has)."""
+    from ulsam_inject.io.checkpoints import load_state_dict_into
+
+    source, target = tv_model("mnasnet0_5"), tv_model("mnasnet0_5", dropout=0.3)
+    torch.nn.init.normal_(source.classifier[1].weight)
+    plain = {k: v.clone() for k, v in source.state_dict().items()}  # no _metadata
+    load_state_dict_into(target, plain)
+    assert torch.equal(target.classifier[1].weight, source.classifier[1].weight)

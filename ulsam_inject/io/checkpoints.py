@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,13 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     # Keys and shapes fit, so torch's own strict load should not fail halfway; if it does
     # (a dtype it cannot cast, a custom load hook), restore what was there before.
     backup = {k: v.detach().clone() for k, v in expected.items()}
+    given: OrderedDict[str, torch.Tensor] = OrderedDict(state_dict)
+    # Module versions travel in a state dict's ``_metadata``; a safetensors file or a plain
+    # dict has none, and some modules refuse to load without it (torchvision's MNASNet).
+    # Keys and shapes fit this model, so its own versions describe the tensors.
+    given._metadata = getattr(state_dict, "_metadata", None) or expected._metadata  # type: ignore[attr-defined]
     try:
-        model.load_state_dict(dict(state_dict), strict=True)
+        model.load_state_dict(given, strict=True)
     except Exception as error:
         # Copy straight into the tensors (state_dict() shares their storage), not through
         # load_state_dict, whose hooks may be what failed.
