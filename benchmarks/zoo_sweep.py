@@ -87,6 +87,8 @@ class Row:
     stages: int = 0
     blocks: int = 0
     g1: int = 0
+    kept_class: bool = False
+    rewrites: dict[str, int] = field(default_factory=dict)  # "stage" / "parent" / "root"
     leaves: list[str] = field(default_factory=list)
     shapes: str = ""
     build_s: float = 0.0
@@ -184,6 +186,10 @@ def sweep_one(label: str, factory: Callable[[], nn.Module], size: tuple[int, int
     row.inject_s = time.perf_counter() - start
     row.leaves = sorted(result.leaves)
     retrofitted = result.model
+    row.kept_class = type(retrofitted) is type(model)
+    for placement in result.plan.placements:
+        where = placement.rewrite.split(":")[0]
+        row.rewrites[where] = row.rewrites.get(where, 0) + 1
     row.blocks = sum(isinstance(m, ULSAM) for m in retrofitted.modules())
     if row.blocks != len(stages):
         raise RuntimeError(f"{row.blocks} ULSAM blocks for {len(stages)} stages")
@@ -290,6 +296,10 @@ def mobilenet_v2_inject_seconds(repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _where(row: Row) -> str:
+    return "/".join(str(row.rewrites.get(k, 0)) for k in ("stage", "parent", "root"))
+
+
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -325,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweeping {len(models)} models at input {size}")
     header = (
         f"{'model':<40} {'stages':>6} {'blocks':>6} {'g=1':>4} {'leaves':>6} "
-        f"{'find s':>7} {'inject s':>8} {'check s':>7} {'total s':>7}  status"
+        f"{'class':>5} {'st/par/root':>11} {'find s':>7} {'inject s':>8} {'check s':>7} "
+        f"{'total s':>7}  status"
     )
     print(header)
     print("-" * len(header))
@@ -342,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if row.status == "ok" else f"FAIL {_short(row.error, 160)}"
         print(
             f"{label:<40} {row.stages:>6} {row.blocks:>6} {row.g1:>4} {len(row.leaves):>6} "
+            f"{'kept' if row.kept_class else 'lost':>5} {_where(row):>11} "
             f"{row.find_s:>7.2f} {row.inject_s:>8.2f} {row.check_s:>7.2f} {row.seconds:>7.2f}  "
             f"{status}",
             flush=True,
@@ -364,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
             f"stages per model: mean {statistics.mean(r.stages for r in ok):.1f}, "
             f"{sum(r.g1 > 0 for r in ok)} models needed g=1 somewhere, "
             f"{sum(bool(r.leaves) for r in ok)} models have untraceable leaves"
+        )
+        print(
+            f"class kept: {sum(r.kept_class for r in ok)}/{len(ok)} models; "
+            f"fell back to the root graph: {sum(r.rewrites.get('root', 0) > 0 for r in ok)}; "
+            f"blocks rewritten in their stage {sum(r.rewrites.get('stage', 0) for r in ok)}, "
+            f"in a parent {sum(r.rewrites.get('parent', 0) for r in ok)}, "
+            f"in the root {sum(r.rewrites.get('root', 0) for r in ok)}"
         )
     if mnv2 is not None:
         print(f"mobilenet_v2 inject (trace + discovery + injection): {mnv2 * 1000:.0f} ms")
