@@ -18,6 +18,7 @@ __all__ = [
     "check_input_limits",
     "check_model",
     "echo",
+    "echo_path",
 ]
 
 MAX_INPUT_SIDE = 4096
@@ -39,6 +40,17 @@ def echo(value: object, limit: int = ECHO_LIMIT) -> str:
         return f"{value[:limit]!r}... ({len(value)} characters)"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def echo_path(path: object, limit: int = ECHO_LIMIT) -> str:
+    """A path for a message, quoted; a long one keeps its end, where the file's name is.
+
+    Example:
+        >>> echo_path("/data/" + "d" * 100 + "/cat.png", limit=12)
+        "'...d/cat.png'"
+    """
+    text = str(path)
+    return repr(text) if len(text) <= limit else repr("..." + text[-(limit - 3) :])
 
 
 def check_input_limits(size: Sequence[int], what: str = "input size") -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ulsam_inject.errors import ImageError, first_line
-from ulsam_inject.guards import echo
+from ulsam_inject.guards import echo_path
 from ulsam_inject.train.data import DataConfig, build_transform
 
 __all__ = ["model_input", "picture", "read_image"]
@@ -39,14 +39,14 @@ def read_image(path: str | os.PathLike[str], *, channels: int = 3) -> Any:
 
     file = Path(os.fspath(path))
     if not file.is_file():
-        raise ImageError(f"image {echo(str(file))} does not exist or is not a file")
+        raise ImageError(f"image {echo_path(file)} does not exist or is not a file")
     try:
         with Image.open(file) as opened:
             opened.load()
             return opened.convert("L" if channels == 1 else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageError(
-            f"{echo(str(file))} is not an image that can be read ({first_line(error)})"
+            f"{echo_path(file)} is not an image that can be read ({first_line(error)})"
         ) from None
 
 
