@@ -37,6 +37,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ulsam_inject import inject, save
 
     with tiny_importable(folder) as tinynet:
+        torch.manual_seed(0)  # fixed weights: with random ones a map can be all zeros
+        torch.save(tinynet.tiny().state_dict(), folder / "tiny.pt")
         torch.manual_seed(0)
         retrofit = inject(tinynet.tiny().eval(), at="0", groups=2, input_size=(3, 32, 32))
         save(retrofit, folder / "retrofitted.safetensors", source=TINY_SPEC)
@@ -45,7 +47,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_figure_and_json_for_two_images(ws: Path, tmp_path: Path) -> None:
     result = run_cli(
-        "explain", TINY_SPEC, *SIZE, "--image", ws / "red.png", "--image", ws / "round.jpg",
+        "explain", TINY_SPEC, "--checkpoint", ws / "tiny.pt", *SIZE,
+        "--image", ws / "red.png", "--image", ws / "round.jpg",
         "--out", "fig.png", "--json", "--top-k", "3",
         cwd=tmp_path, pythonpath=ws,
     )  # fmt: skip
